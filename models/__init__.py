@@ -1,0 +1,1 @@
+"""Shared model definitions (Llama 4 text and dense Llama) and the weights format."""
