@@ -1,0 +1,13 @@
+"""Compute kernels shared by serving and training.
+
+Each op has a plain-PyTorch reference and a host wrapper (the public function) that checks
+its inputs; the wrapper dispatches to a Triton kernel on CUDA where one exists and to the
+reference elsewhere, so the model runs the same code on CPU and GPU.
+"""
+
+from kernels.moe import moe_experts
+from kernels.rms_norm import rms_norm
+from kernels.rotary import apply_rotary, rope_inv_freq
+from kernels.swiglu import silu_and_mul
+
+__all__ = ["apply_rotary", "moe_experts", "rms_norm", "rope_inv_freq", "silu_and_mul"]

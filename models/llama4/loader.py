@@ -1,0 +1,122 @@
+"""Load a model from an HF checkpoint directory or a GGUF file; save one as HF safetensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from models.errors import CheckpointError
+from models.llama4.config import ModelConfig
+from models.llama4.model import Llama4Model
+from models.llama4.safetensors_io import SafetensorsSource, write_safetensors
+from models.llama4.weights import export_tensors, load_weights
+
+if TYPE_CHECKING:
+    from models.llama4.tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Llama4Model
+    config: ModelConfig
+    tokenizer: "Tokenizer | None"
+    path: Path
+
+
+class _GGUFSource:
+    """A GGUF file seen through the TensorSource protocol (HF names, dequantized)."""
+
+    def __init__(self, checkpoint) -> None:
+        self.ckpt = checkpoint
+
+    def names(self) -> list[str]:
+        return self.ckpt.tensor_names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.ckpt.tensor_shape(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.ckpt.load_tensor(name)
+
+    def origin(self, name: str) -> str:
+        return str(self.ckpt.path)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | None = None) -> torch.dtype:
+    """'auto' takes the checkpoint's dtype (bfloat16 when it names none, e.g. GGUF)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        raw = config.hf_config if config else {}
+        named = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
+        return _DTYPES.get(str(named), torch.bfloat16)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}; use auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def _tokenizer():
+    from models.llama4.tokenizer import Tokenizer
+    return Tokenizer
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if _is_gguf(path):
+        from models.llama4.gguf import open_gguf
+        return ModelConfig.from_hf_dict(open_gguf(path).config, source=str(path))
+    return ModelConfig.from_pretrained(path)
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               tokenizer: bool = True) -> LoadedModel:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory or GGUF file")
+    if _is_gguf(path):
+        from models.llama4.gguf import open_gguf
+        ckpt = open_gguf(path)
+        config = ModelConfig.from_hf_dict(ckpt.config, source=str(path))
+        source = _GGUFSource(ckpt)
+        tok = _tokenizer().from_gguf(path) if tokenizer else None
+    elif path.is_dir():
+        config = ModelConfig.from_pretrained(path)
+        source = SafetensorsSource(path)
+        tok = _tokenizer().from_dir(path) if tokenizer else None
+    else:
+        raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
+    # Build on `meta` and allocate once, so peak memory is one copy of the weights plus the
+    # one tensor being read.
+    with torch.device("meta"):
+        model = Llama4Model(config)
+    model = model.to(resolve_dtype(dtype, config)).to_empty(device=device)
+    model.inv_freq = Llama4Model.rope_frequencies(config).to(device)  # was built on meta
+    load_weights(model, source)
+    model.eval()
+    return LoadedModel(model=model, config=config, tokenizer=tok, path=path)
+
+
+def save_pretrained(model: Llama4Model, out_dir: str | Path, tokenizer: "Tokenizer | None" = None,
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes config.json + safetensors (+ tokenizer files): what load_model and transformers read."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = model.config.to_hf_dict()
+    hf["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    write_safetensors(export_tensors(model), out, max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
