@@ -1,0 +1,1 @@
+"""herd: the command-line entry point (`herd`) over the models, serving and training packages."""
