@@ -31,25 +31,6 @@ class LoadedModel:
     path: Path
 
 
-class _GGUFSource:
-    """A GGUF file seen through the TensorSource protocol (HF names, dequantized)."""
-
-    def __init__(self, checkpoint) -> None:
-        self.ckpt = checkpoint
-
-    def names(self) -> list[str]:
-        return self.ckpt.tensor_names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.ckpt.tensor_shape(name))
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.ckpt.load_tensor(name)
-
-    def origin(self, name: str) -> str:
-        return str(self.ckpt.path)
-
-
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | None = None) -> torch.dtype:
     """'auto' takes the checkpoint's dtype (bfloat16 when it names none, e.g. GGUF)."""
     if isinstance(dtype, torch.dtype):
@@ -89,7 +70,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         from models.llama4.gguf import open_gguf
         ckpt = open_gguf(path)
         config = ModelConfig.from_hf_dict(ckpt.config, source=str(path))
-        source = _GGUFSource(ckpt)
+        source = ckpt
         tok = _tokenizer().from_gguf(path) if tokenizer else None
     elif path.is_dir():
         config = ModelConfig.from_pretrained(path)
