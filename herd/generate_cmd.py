@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from models.default import default_model_path
     from models.llama4 import load_model
     from models.llama4.generate import generate_tokens
-    from models.llama4.tokenizer import IncrementalDetokenizer
+    from models.llama4.detokenizer import IncrementalDetokenizer
 
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens: must be >= 1, got {args.max_tokens}")

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from models.default import default_model_path
-from models.llama4 import load_model
 from models.llama4.generate import generate_tokens
 
 PROMPTS = [
@@ -17,8 +16,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return load_model(default_model_path(), dtype="float32")
+def ours(default_fp32):
+    return default_fp32
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def test_greedy_continuation_matches_transformers(pair):
     ours, ref = pair
     prompt = _ids(12, seed=4)
     out = ref.generate(input_ids=prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long),
-                       max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=0)
+                       max_new_tokens=24, do_sample=False, eos_token_id=tiny.EOS, pad_token_id=tiny.PAD)
     expected = out[0, 12:].tolist()
-    got = list(generate_tokens(ours, prompt.tolist(), 24, stop_ids=frozenset({2})))
+    got = list(generate_tokens(ours, prompt.tolist(), 24, stop_ids=frozenset({tiny.EOS})))
     assert got == expected

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-VOCAB = 256
+VOCAB = 288  # 256 byte tokens + specials + spare ids
+BOS, EOS, PAD = 256, 257, 258
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer (no merges) whose ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>",
+        "chat_template": CHAT_TEMPLATE}))
 
 
 def llama4_text_config(**overrides):
@@ -20,7 +39,7 @@ def llama4_text_config(**overrides):
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 64},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     args.update(overrides)
     return Llama4TextConfig(**args)
 
@@ -44,6 +63,7 @@ def save_llama4(path: Path, seed: int = 0, **overrides) -> Path:
     model = Llama4ForCausalLM(llama4_text_config(**overrides)).eval()
     _randomize(model, seed)
     model.save_pretrained(path)
+    save_byte_tokenizer(path)
     return path
 
 
@@ -59,6 +79,7 @@ def save_llama4_multimodal(path: Path, seed: int = 0) -> Path:
     model = Llama4ForConditionalGeneration(config).eval()
     _randomize(model, seed)
     model.save_pretrained(path)
+    save_byte_tokenizer(path)
     return path
 
 
@@ -67,10 +88,11 @@ def save_llama(path: Path, seed: int = 0, **overrides) -> Path:
 
     args = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+                tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=BOS, eos_token_id=EOS)
     args.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**args)).eval()
     _randomize(model, seed)
     model.save_pretrained(path)
+    save_byte_tokenizer(path)
     return path
