@@ -32,15 +32,41 @@ def visibility_mask(q_pos_Q: torch.Tensor, k_pos_L: torch.Tensor, chunk_size: in
     return mask
 
 
+def _sdpa(q_QHd, k_LKd, v_LKd, scale, mask=None, causal=False):
+    out_HQd = F.scaled_dot_product_attention(
+        q_QHd.transpose(-3, -2), k_LKd.transpose(-3, -2), v_LKd.transpose(-3, -2), attn_mask=mask,
+        is_causal=causal, scale=scale, enable_gqa=q_QHd.shape[-2] != k_LKd.shape[-2])
+    return out_HQd.transpose(-3, -2)
+
+
+def _attend_from_zero(q_QHd, k_QKd, v_QKd, chunk_size, scale):
+    """A whole prompt from position 0: causal, and for chunked layers causal inside each chunk,
+    without building a mask (the fused causal kernels are much faster than a masked one)."""
+    Q = q_QHd.shape[0]
+    if chunk_size is None or chunk_size >= Q:
+        return _sdpa(q_QHd, k_QKd, v_QKd, scale, causal=True)
+    full = Q // chunk_size * chunk_size
+    out = torch.empty_like(q_QHd)
+
+    def per_chunk(t):
+        return t[:full].unflatten(0, (-1, chunk_size))
+
+    out[:full] = _sdpa(per_chunk(q_QHd), per_chunk(k_QKd), per_chunk(v_QKd), scale, causal=True).flatten(0, 1)
+    if full < Q:
+        out[full:] = _sdpa(q_QHd[full:], k_QKd[full:], v_QKd[full:], scale, causal=True)
+    return out
+
+
 def attend_dense(q_QHd, k_LKd, v_LKd, q_pos_Q, k_pos_L, chunk_size, scale):
     """Attention of Q queries over L keys of one sequence, masked by positions."""
+    Q, L = q_QHd.shape[0], k_LKd.shape[0]
+    # Positions inside one sequence's chunk are consecutive, so these three facts mean 0..Q-1.
+    if Q == L and int(q_pos_Q[0]) == 0 and int(k_pos_L[0]) == 0 and int(q_pos_Q[-1]) == Q - 1:
+        return _attend_from_zero(q_QHd, k_LKd, v_LKd, chunk_size, scale)
     mask = visibility_mask(q_pos_Q, k_pos_L, chunk_size)
     if bool(mask.all()):  # e.g. one decode token over a global layer: skip the mask
         mask = None
-    out_HQd = F.scaled_dot_product_attention(
-        q_QHd.transpose(0, 1), k_LKd.transpose(0, 1), v_LKd.transpose(0, 1),
-        attn_mask=mask, scale=scale, enable_gqa=q_QHd.shape[1] != k_LKd.shape[1])
-    return out_HQd.transpose(0, 1)
+    return _sdpa(q_QHd, k_LKd, v_LKd, scale, mask)
 
 
 class KVCache:

@@ -1,0 +1,123 @@
+"""asyncio front of the engine: the step loop runs in its own thread; callers stream outputs.
+
+Everything that touches the scheduler happens on the engine thread (requests and aborts are
+queued to it); validation and tokenisation happen on the caller's side so that a bad request
+fails at once with its ParamError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serving.engine.engine import LLMEngine, PromptInput
+from serving.engine.outputs import RequestOutput
+from serving.engine.sampling_params import ParamError, SamplingParams
+from serving.engine.stats import EngineStats
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop crashed; requests in flight end with this error."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    async def generate(self, prompt: PromptInput, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yields delta outputs until the request finishes; leaving early aborts it."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.error}")
+        if request_id in self._streams:
+            raise ParamError("request_id", f"{request_id!r} is already running")
+        ids, text = self.engine.tokenize(prompt)
+        self.engine.check_prompt(ids, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request_id, {"prompt_token_ids": ids, "prompt": text}, params))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.get_stats()
+
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- engine thread --------------------------------------------------------------------
+
+    def _send(self, command: tuple[Any, ...]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop:
+                while not self._commands.empty():
+                    cmd = self._commands.get()
+                    if cmd[0] == "add":
+                        _, rid, prompt, params = cmd
+                        try:
+                            engine.add_request(rid, prompt, params)
+                        except ValueError as e:
+                            self._deliver(rid, e)
+                    else:
+                        engine.abort(cmd[1])
+                if not engine.has_unfinished():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for out in engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
+            self.error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"the engine stopped: {e!r}"))
+            raise

@@ -1,0 +1,34 @@
+"""Engine settings, with vLLM's names where vLLM has the same knob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # checkpoint dir or .gguf; None = the built-in default model
+    dtype: str = "auto"
+    device: str = "cpu"
+    served_model_name: str | None = None
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped below
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    # Fraction of the device's memory the engine may fill in all (weights, activations, KV);
+    # the KV cache gets what a profiled step leaves of it.
+    memory_utilization: float = 0.5
+    num_kv_blocks: int | None = None  # fixed KV size (tests force preemption with a tiny cache)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    compile: bool = False  # torch.compile the model step
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"memory_utilization: must be in (0, 1], got {self.memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")

@@ -1,0 +1,199 @@
+"""The engine loop: requests in; each step schedule -> run -> update; delta outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from models.errors import CheckpointError
+from models.llama4 import LoadedModel, load_model
+from serving.engine.block_manager import BlockManager
+from serving.engine.config import EngineConfig
+from serving.engine.memory import plan_kv_blocks
+from serving.engine.model_runner import ModelRunner
+from serving.engine.output_processor import OutputProcessor
+from serving.engine.outputs import RequestOutput
+from serving.engine.sampling_params import ParamError, SamplingParams
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import Request, Sequence
+from serving.engine.stats import EngineStats
+
+PromptInput = str | list[int] | dict[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        if loaded.tokenizer is None:
+            raise CheckpointError(f"{loaded.path}: the engine needs the model's tokenizer")
+        self.config = config
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        self.model_name = config.served_model_name or loaded.path.stem
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        num_blocks = plan_kv_blocks(self.model, config, self.max_model_len)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        eos = frozenset(self.tokenizer.stop_token_ids) | frozenset(loaded.config.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
+                                  self.tokenizer.token_to_str)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.stats = EngineStats(num_kv_blocks=num_blocks)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        from models.default import DEFAULT_MODEL_NAME, default_model_path
+
+        path = config.model or default_model_path()
+        if config.served_model_name is None and config.model is None:
+            config.served_model_name = DEFAULT_MODEL_NAME
+        return cls(load_model(path, dtype=config.dtype, device=config.device), config)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def tokenize(self, prompt: PromptInput) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt), prompt
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+            if "prompt" in prompt:
+                return self.tokenizer.encode(prompt["prompt"]), prompt["prompt"]
+            raise ParamError("prompt", "a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        return list(prompt), None
+
+    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
+                    arrival_time: float | None = None) -> Request:
+        if request_id in self.requests:
+            raise ParamError("request_id", f"{request_id!r} is already running")
+        ids, text = self.tokenize(prompt)
+        self.check_prompt(ids, params)
+        req = Request(request_id, ids, params, text, next(self._seq_ids), arrival_time)
+        for _ in range(params.best_of - 1):
+            next(self._seq_ids)
+        self.requests[request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        self.stats.prompt_tokens += len(ids)
+        return req
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ParamError("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ParamError("prompt", f"token id {bad} is outside the vocabulary of {vocab}")
+        params.validate_for(vocab)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise ParamError("prompt", f"the prompt has {len(ids)} tokens; this model's maximum "
+                             f"context length is {limit} tokens, including at least one generated")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise ParamError("max_tokens", f"the prompt ({len(ids)} tokens) plus max_tokens "
+                             f"({params.max_tokens}) exceeds this model's maximum context length "
+                             f"of {limit} tokens")
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks at once; False if it is unknown or done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        self._count_finished(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.time()
+        for item in sched.scheduled:
+            m = item.seq.request.metrics
+            m.first_scheduled_time = m.first_scheduled_time or now
+        result = self.runner.execute(sched)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for item in sched.scheduled:
+            seq = item.seq
+            self.scheduler.computed(item)
+            req = seq.request
+            if seq.seq_id in result.prompt_logprobs:
+                req.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
+            sample = result.samples.get(seq.seq_id)
+            if sample is None:
+                continue
+            touched[req.request_id] = req
+            seq.append(sample.token_id, sample.logprob, sample.top)
+            self._time_token(req, seq, now)
+            reason = self.outputs.on_token(seq, sample.token_id)
+            if reason is not None:
+                self.outputs.finish(seq, reason)
+                self.scheduler.finish(seq)
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        return [out for req in touched.values() if (out := self._output(req)) is not None]
+
+    def _time_token(self, req: Request, seq: Sequence, now: float) -> None:
+        self.stats.generation_tokens += 1
+        m = req.metrics
+        if seq.index == 0:
+            if m.first_token_time is None:
+                m.first_token_time = now
+                self.stats.ttft.observe(now - m.arrival_time)
+            else:
+                req.itl.append(now - m.last_token_time)
+                self.stats.itl.observe(now - m.last_token_time)
+            m.last_token_time = now
+
+    def _output(self, req: Request) -> RequestOutput | None:
+        params = req.params
+        finished = req.finished
+        if params.best_of > params.n and not finished:
+            return None  # the best n are known only at the end
+        seqs = req.seqs
+        if params.best_of > params.n:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
+        outs = []
+        for i, seq in enumerate(seqs):
+            delta = self.outputs.delta(seq)
+            if delta is not None:
+                delta.index = i
+                outs.append(delta)
+        prompt_lp = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            prompt_lp, req.prompt_logprobs_sent = req.prompt_logprobs, True
+        if finished:
+            req.metrics.finished_time = time.time()
+            self.requests.pop(req.request_id, None)
+            self.stats.e2e.observe(req.metrics.finished_time - req.metrics.arrival_time)
+            self._count_finished(req, req.seqs[0].finish_reason or "stop")
+        if not outs and not finished:
+            return None
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
+                             prompt_lp, req.num_cached_tokens, req.metrics, delta=True)
+
+    def _count_finished(self, req: Request, reason: str) -> None:
+        self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
+
+    def get_stats(self) -> EngineStats:
+        s = self.stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_usage = self.blocks.usage
+        s.num_free_kv_blocks = self.blocks.num_free_blocks
+        s.prefix_queried_tokens = self.blocks.stats.queried_tokens
+        s.prefix_hit_tokens = self.blocks.stats.hit_tokens
+        return s
