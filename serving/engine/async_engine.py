@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from serving.engine.engine import LLMEngine, PromptInput
-from serving.engine.outputs import RequestOutput
+from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
 from serving.engine.stats import EngineStats
 
@@ -31,6 +32,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self.error: BaseException | None = None
+        self.created = int(time.time())
         self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
         self._thread.start()
 
@@ -38,9 +40,8 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
+    def models(self) -> list[ModelCard]:
+        return [ModelCard(self.engine.model_name, self.created, self.engine.max_model_len)]
 
     async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

@@ -79,3 +79,13 @@ class RequestOutput:
         self.finished = later.finished
         self.num_cached_tokens = later.num_cached_tokens
         self.metrics = later.metrics or self.metrics
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A served model as /v1/models lists it."""
+
+    id: str
+    created: int
+    max_model_len: int
+    owned_by: str = "herd"

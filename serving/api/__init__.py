@@ -1,0 +1,1 @@
+"""The gateway: OpenAI-compatible HTTP and gRPC servers over one async engine interface."""
