@@ -1,0 +1,65 @@
+"""`herd serve`: the OpenAI-compatible HTTP + gRPC gateway on one in-process engine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (-1: no gRPC server)")
+    p.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $HERD_API_KEY)")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="refuse with 429 / RESOURCE_EXHAUSTED past this many waiting requests")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to finish in-flight requests after SIGTERM")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization",
+                   type=float, default=0.5, help="fraction of device memory for weights + activations + KV")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
+
+
+def engine_config(args: argparse.Namespace):
+    from serving.engine import EngineConfig
+
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                        served_model_name=getattr(args, "served_model_name", None),
+                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                        memory_utilization=args.memory_utilization, enable_prefix_caching=args.prefix_caching)
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.api.server import GatewayConfig, run_gateway
+    from serving.engine import LLMEngine
+    from serving.engine.async_engine import AsyncEngine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = engine_config(args)  # validates before anything starts
+    cfg = GatewayConfig(host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+                        api_key=args.api_key, max_queued_requests=args.max_queued_requests,
+                        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+
+    def ready(host: str, port: int, grpc_port: int | None) -> None:
+        grpc = f", gRPC on {host}:{grpc_port}" if grpc_port else ""
+        logging.getLogger("herd.serve").info("HTTP on http://%s:%d%s; loading the model", host, port, grpc)
+
+    return asyncio.run(run_gateway(lambda: AsyncEngine(LLMEngine.from_config(config)), cfg, ready))
