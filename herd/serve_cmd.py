@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,4 +63,8 @@ def run(args: argparse.Namespace) -> int:
         grpc = f", gRPC on {host}:{grpc_port}" if grpc_port else ""
         logging.getLogger("herd.serve").info("HTTP on http://%s:%d%s; loading the model", host, port, grpc)
 
+    # uvicorn re-raises the signal it drained on with the handler it found: make that a no-op,
+    # so that the drain below finishes and the exit code is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     return asyncio.run(run_gateway(lambda: AsyncEngine(LLMEngine.from_config(config)), cfg, ready))
