@@ -33,6 +33,9 @@ class LLMEngine:
         self.model_name = config.served_model_name or loaded.path.stem
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens: {config.max_num_batched_tokens} is below max_model_len "
+                             f"{self.max_model_len}; without chunked prefill a long prompt could never run")
         num_blocks = plan_kv_blocks(self.model, config, self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,

@@ -65,7 +65,9 @@ def _filter(logits_BV: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         drop = ranks >= top_k[:, None]
         probs = sorted_BV.masked_fill(drop, float("-inf")).softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+        # (Only rows that asked: a float32 cumsum reaches 1.0 before the tail, which would
+        # otherwise cut a top_p=1 row's rare tokens whenever a batch mate filters.)
+        drop |= ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
         sorted_BV = sorted_BV.masked_fill(drop, float("-inf"))
         logits_BV = torch.empty_like(logits_BV).scatter_(-1, order_BV, sorted_BV)
     return logits_BV.softmax(-1)

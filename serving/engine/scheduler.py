@@ -78,11 +78,14 @@ class Scheduler:
                 self._attach_prefix(seq)
             n = seq.num_uncomputed
             if n > budget:
-                if not self.enable_chunked_prefill and seq.num_computed == 0:
+                if not self.enable_chunked_prefill:
                     break
                 n = budget
             need = self.blocks.blocks_needed(seq.num_computed + n) - len(seq.blocks)
             if not self.blocks.can_allocate(need):
+                # Give back the cached blocks it matched: held by a waiting sequence they could
+                # starve everyone (nothing running to free blocks, nothing able to start).
+                self._detach_prefix(seq)
                 break
             seq.blocks += self.blocks.allocate(need)
             self.waiting.popleft()
@@ -115,12 +118,15 @@ class Scheduler:
         if seq.index == 0 and seq.num_preemptions == 0:
             seq.request.num_cached_tokens = seq.num_computed
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        self.running.remove(seq)
+    def _detach_prefix(self, seq: Sequence) -> None:
         self.blocks.release(seq.blocks)
         seq.blocks, seq.block_hashes = [], []
         seq.num_computed = 0
         seq.prefix_checked = False
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._detach_prefix(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
