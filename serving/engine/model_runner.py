@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from models.llama4.model import Llama4Model
@@ -25,6 +26,15 @@ def kv_block_bytes(model: Llama4Model, block_size: int, dtype: torch.dtype) -> i
     return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * dtype.itemsize
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on CPU from calloc (numpy), so pages are only backed once written and a large
+    KV cache costs no start-up time or memory until used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    same_size_int = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
+    return torch.from_numpy(np.zeros(shape, dtype=same_size_int)).view(dtype)
+
+
 class ModelRunner:
     def __init__(self, model: Llama4Model, num_blocks: int, block_size: int,
                  stop_ids_for, decode_token=lambda t: None) -> None:
@@ -34,13 +44,11 @@ class ModelRunner:
         c = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # One extra block of zeros that padded gathers read: real blocks are left
-        # uninitialised (on CPU the OS backs them only when written).
+        # One extra block pads gathers. Every slot must hold a finite value: attention reads
+        # whole blocks and masks the unwritten tail, and 0 * NaN would still be NaN.
         shape = (num_blocks + 1, block_size, c.num_key_value_heads, c.head_dim)
-        self.k_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
-        self.v_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
-        for cache in self.k_caches + self.v_caches:
-            cache[num_blocks].zero_()
+        self.k_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
+        self.v_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.pad_block = num_blocks
         self.stop_ids_for = stop_ids_for  # seq -> ids that may not be sampled yet (min_tokens)
         self.decode_token = decode_token

@@ -77,8 +77,9 @@ class OutputProcessor:
             seq.sent_logprobs = len(seq.logprobs)
         seq.sent_text_len = max(seq.sent_text_len, end)
         seq.sent_tokens = seq.num_output_tokens
+        cumulative = seq.cumulative_logprob if seq.logprobs is not None else None
         return CompletionOutput(index=seq.index, text=text, token_ids=tokens,
-                                cumulative_logprob=seq.cumulative_logprob, logprobs=logprobs,
+                                cumulative_logprob=cumulative, logprobs=logprobs,
                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
 

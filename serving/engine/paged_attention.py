@@ -1,9 +1,13 @@
 """Attention over the paged KV cache: the engine's AttentionContext (CPU/PyTorch path).
 
-Each layer's cache is (num_blocks, block_size, K, d); token p of a sequence lives in slot
-block_table[p // block_size] * block_size + p % block_size. Everything that does not depend
-on the layer (slots, gather indices, masks) is built once per step and shared by all layers.
-Decodes (one query each) attend in one padded batch; prefill chunks attend one by one.
+Each layer's cache is (num_blocks + 1, block_size, K, d); token p of a sequence lives in block
+block_table[p // block_size] at offset p % block_size; the extra last block is all zeros and
+pads gathers. What does not depend on the layer (slots, gather indices, masks) is built once
+per step and shared by all layers. Three kinds of work, each batched its own way:
+- decodes (one query each): one padded SDPA over whole gathered blocks;
+- fresh prefills (a prompt from position 0): one padded causal SDPA on this step's k/v, no
+  gather (padding sits after each prompt, so causality already hides it);
+- continued prefills (a chunk after cached tokens): one masked SDPA each over its gathered context.
 """
 
 from __future__ import annotations
@@ -28,30 +32,38 @@ class PagedAttention(AttentionContext):
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], block_size: int,
                  seqs: list[SeqSlice], positions_T: torch.Tensor, pad_block: int) -> None:
         self.k_caches, self.v_caches = k_caches, v_caches
-        self.seqs = seqs
         self.positions = positions_T
         dev = positions_T.device
         bs = block_size
+        self.block_size = block_size
 
-        def slots(table: list[int], n: int) -> torch.Tensor:
-            pos = torch.arange(n, device=dev)
-            return torch.tensor(table, dtype=torch.long, device=dev)[pos // bs] * bs + pos % bs
+        def slots(s: SeqSlice, start: int) -> torch.Tensor:
+            pos = torch.arange(start, s.context_len, device=dev)
+            return torch.tensor(s.block_table, dtype=torch.long, device=dev)[pos // bs] * bs + pos % bs
 
-        self.slot_mapping = torch.cat([slots(s.block_table, s.context_len)[s.context_len - s.q_len:]
-                                       for s in seqs])
-        self.decodes = [s for s in seqs if s.q_len == 1]
-        self.prefills = [(s, slots(s.block_table, s.context_len)) for s in seqs if s.q_len > 1]
-        self._masks: dict[int | None, torch.Tensor] = {}
-        if self.decodes:
-            lens = torch.tensor([s.context_len for s in self.decodes], device=dev)
-            L = int(lens.max())
-            self.decode_rows = torch.tensor([s.q_start for s in self.decodes], device=dev)
-            # Padding reads the all-zero pad block (finite values, masked out anyway).
-            self.decode_slots = torch.stack([F.pad(slots(s.block_table, s.context_len),
-                                                   (0, L - s.context_len), value=pad_block * bs)
-                                             for s in self.decodes])
-            self.decode_k_pos = torch.arange(L, device=dev)
-            self.decode_valid = self.decode_k_pos[None, :] < lens[:, None]  # (B, L)
+        self.slot_mapping = torch.cat([slots(s, s.context_len - s.q_len) for s in seqs])
+        decodes = [s for s in seqs if s.q_len == 1 and s.context_len > 1]
+        self.fresh = [s for s in seqs if s.q_len == s.context_len]
+        self.continued = [(s, slots(s, 0)) for s in seqs if s.q_len < s.context_len and s.q_len > 1]
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+        if decodes:
+            nb = max(-(-s.context_len // bs) for s in decodes)
+            self.decode_rows = torch.tensor([s.q_start for s in decodes], device=dev)
+            self.decode_blocks = torch.tensor([s.block_table[:-(-s.context_len // bs)] + [pad_block] * (
+                nb - -(-s.context_len // bs)) for s in decodes], dtype=torch.long, device=dev)
+            lens = torch.tensor([s.context_len for s in decodes], device=dev)
+            self.decode_k_pos = torch.arange(nb * bs, device=dev)
+            self.decode_valid = self.decode_k_pos[None, :] < lens[:, None]
+        if len(self.fresh) > 1:
+            longest = max(s.q_len for s in self.fresh)
+            offsets = torch.arange(longest, device=dev)
+            starts = torch.tensor([s.q_start for s in self.fresh], device=dev)
+            lens = torch.tensor([s.q_len for s in self.fresh], device=dev)
+            self.fresh_valid = offsets[None, :] < lens[:, None]  # (F, longest)
+            # Padding rows read row 0 of the batch: finite, and causally after every real key.
+            self.fresh_index = torch.where(self.fresh_valid, starts[:, None] + offsets[None, :], 0)
+            self.fresh_rows = self.fresh_index[self.fresh_valid]
+            self.fresh_longest = longest
 
     def _decode_mask(self, chunk_size: int | None) -> torch.Tensor | None:
         if chunk_size not in self._masks:
@@ -59,29 +71,38 @@ class PagedAttention(AttentionContext):
             mask = self.decode_valid & (self.decode_k_pos[None, :] <= q_pos[:, None])
             if chunk_size is not None:
                 mask &= (self.decode_k_pos[None, :] // chunk_size) == (q_pos[:, None] // chunk_size)
-            self._masks[chunk_size] = None if bool(mask.all()) else mask[:, None, None, :]
+            self._masks[chunk_size] = mask[:, None, None, :]
         return self._masks[chunk_size]
 
     def attend(self, layer, q_THd, k_TKd, v_TKd, chunk_size, scale):
-        kc = self.k_caches[layer].view(-1, *k_TKd.shape[1:])
-        vc = self.v_caches[layer].view(-1, *v_TKd.shape[1:])
-        kc[self.slot_mapping] = k_TKd
-        vc[self.slot_mapping] = v_TKd
-        if len(self.seqs) == 1 and self.prefills:  # one prompt: write, then attend in place
-            s, slot = self.prefills[0]
-            return attend_dense(q_THd, kc[slot], vc[slot], self.positions,
-                                torch.arange(s.context_len, device=q_THd.device), chunk_size, scale)
+        K, d = k_TKd.shape[1:]
+        kc, vc = self.k_caches[layer], self.v_caches[layer]
+        kc.view(-1, K, d)[self.slot_mapping] = k_TKd
+        vc.view(-1, K, d)[self.slot_mapping] = v_TKd
         out = torch.empty_like(q_THd)
-        if self.decodes:
-            q_BH1d = q_THd[self.decode_rows][:, :, None, :]
-            k_BKLd = kc[self.decode_slots].transpose(1, 2)
-            v_BKLd = vc[self.decode_slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(q_BH1d, k_BKLd, v_BKLd, attn_mask=self._decode_mask(chunk_size),
-                                               scale=scale, enable_gqa=q_THd.shape[1] != k_TKd.shape[1])
+        gqa = q_THd.shape[1] != K
+        if hasattr(self, "decode_rows"):
+            B = self.decode_blocks.shape[0]
+            k_BLKd = kc.index_select(0, self.decode_blocks.flatten()).view(B, -1, K, d)
+            v_BLKd = vc.index_select(0, self.decode_blocks.flatten()).view(B, -1, K, d)
+            o = F.scaled_dot_product_attention(
+                q_THd[self.decode_rows][:, :, None, :], k_BLKd.transpose(1, 2), v_BLKd.transpose(1, 2),
+                attn_mask=self._decode_mask(chunk_size), scale=scale, enable_gqa=gqa)
             out[self.decode_rows] = o[:, :, 0, :]
-        for s, slot in self.prefills:
+        if len(self.fresh) > 1 and (chunk_size is None or chunk_size >= self.fresh_longest):
+            idx = self.fresh_index
+            o = F.scaled_dot_product_attention(q_THd[idx].transpose(1, 2), k_TKd[idx].transpose(1, 2),
+                                               v_TKd[idx].transpose(1, 2), is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+            out[self.fresh_rows] = o.transpose(1, 2)[self.fresh_valid]
+        else:
+            for s in self.fresh:
+                rows = slice(s.q_start, s.q_start + s.q_len)
+                out[rows] = attend_dense(q_THd[rows], k_TKd[rows], v_TKd[rows], self.positions[rows],
+                                         self.positions[rows], chunk_size, scale)
+        for s, slot in self.continued:
             rows = slice(s.q_start, s.q_start + s.q_len)
-            out[rows] = attend_dense(q_THd[rows], kc[slot], vc[slot], self.positions[rows],
-                                     torch.arange(s.context_len, device=q_THd.device), chunk_size, scale)
+            out[rows] = attend_dense(q_THd[rows], kc.view(-1, K, d)[slot], vc.view(-1, K, d)[slot],
+                                     self.positions[rows], torch.arange(s.context_len, device=q_THd.device),
+                                     chunk_size, scale)
         return out
-

@@ -113,6 +113,9 @@ def sample(logits_BV: torch.Tensor, rows: list[SampleRow], decode=lambda t: None
         for j, i in enumerate(random):
             noise[j].exponential_(generator=rows[i].generator)
         tokens[random] = (probs / noise).argmax(-1)
+    if not any(r.params.logprobs is not None or r.params.best_of > r.params.n for r in rows):
+        # Nobody reads a logprob (best_of ranks by them): skip the (B, V) log_softmax.
+        return [Sample(t, 0.0, None) for t in tokens.tolist()]
     chosen, tops = _logprobs(raw, tokens, rows, decode)
     return [Sample(int(t), lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
 
