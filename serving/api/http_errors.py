@@ -44,11 +44,11 @@ class BodyLimitAndAuth:
             await send(message)
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and path.startswith("/v1"):
-            if headers.get("authorization", "") != f"Bearer {self.api_key}":
-                return await _reply(counting_send, 401, error_body(
-                    "Incorrect API key provided; pass it as 'Authorization: Bearer KEY'",
-                    "invalid_request_error", None, "invalid_api_key"))
+        authorized = headers.get("authorization", "") == f"Bearer {self.api_key}"
+        if self.api_key and path.startswith("/v1") and not authorized:
+            return await _reply(counting_send, 401, error_body(
+                "Incorrect API key provided; pass it as 'Authorization: Bearer KEY'",
+                "invalid_request_error", None, "invalid_api_key"))
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await _reply(counting_send, 413, self._too_large())

@@ -7,7 +7,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +20,7 @@ from serving.api.engine_client import EngineClient
 from serving.api.http_errors import ApiError, BodyLimitAndAuth, error_body
 from serving.api.openai_responses import TokenNames, chat_logprobs, completion_logprobs, usage
 from serving.api.openai_schema import ChatCompletionRequest, CompletionRequest
+from serving.api.streams import fan_in
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
 
@@ -117,7 +117,7 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
         names = TokenNames(client.tokenizer, body.return_tokens_as_token_ids)
         shape = _CompletionShape(rid, body, params, names)
         if body.stream:
-            return await _sse(shape.chunks(_fan_in(streams), len(prompts)))
+            return await _sse(shape.chunks(fan_in(streams), len(prompts)))
         results = await _collect(request, streams)
         return shape.response(results)
 
@@ -134,7 +134,7 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
         stream = client.generate({"prompt_token_ids": ids}, params, rid)
         shape = _ChatShape(rid, body, params, TokenNames(client.tokenizer))
         if body.stream:
-            return await _sse(shape.chunks(_fan_in([stream])), {"prompt": "messages"})
+            return await _sse(shape.chunks(fan_in([stream])), {"prompt": "messages"})
         results = await _collect(request, [stream], param_alias={"prompt": "messages"})
         return shape.response(results[0])
 
@@ -153,44 +153,12 @@ def _param_error(e: ParamError, alias: dict[str, str] | None = None) -> ApiError
     return ApiError(400, str(e), "invalid_request_error", param)
 
 
-async def _fan_in(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with the request's index. The first
-    output of each is awaited before streaming starts, so a bad request fails as a 400."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, stream) -> None:
-        try:
-            async with aclosing(stream):
-                async for out in stream:
-                    await queue.put((i, out))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, e))
-        finally:
-            await queue.put((i, done))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 async def _collect(request: Request, streams, param_alias=None) -> list[RequestOutput]:
     """Runs to completion, aborting everything if the client goes away first."""
     results: list[RequestOutput | None] = [None] * len(streams)
 
     async def consume() -> None:
-        async for i, out in _fan_in(streams):
+        async for i, out in fan_in(streams):
             if results[i] is None:
                 results[i] = out
             else:

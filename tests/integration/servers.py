@@ -1,4 +1,4 @@
-"""Start the HTTP gateway in-process on a free loopback port for tests."""
+"""Start the HTTP and gRPC gateways in-process on free loopback ports for tests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 import uvicorn
 
 from serving.api.admission import Admission
+from serving.api.grpc_server import start_grpc_server
 from serving.api.openai_http import build_app
 from serving.engine import EngineConfig, LLMEngine
 from serving.engine.async_engine import AsyncEngine
@@ -39,3 +40,33 @@ class HttpServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class GrpcServer:
+    """The gRPC gateway on its own event loop in a thread; `target` is host:port."""
+
+    def __init__(self, admission: Admission, api_key: str | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.gateway = asyncio.run_coroutine_threadsafe(
+            start_grpc_server(admission, "127.0.0.1", 0, api_key), self.loop).result(timeout=30)
+        self.target = f"127.0.0.1:{self.gateway.bound_port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.stop(0), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 1.0) -> None:
+    """Returns once nothing runs or waits and every KV block is free; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    eng = engine.engine
+    while time.monotonic() < deadline:
+        if not eng.scheduler.running and not eng.scheduler.waiting and \
+                eng.blocks.num_free_blocks == eng.blocks.num_blocks:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: running={len(eng.scheduler.running)} "
+                         f"free={eng.blocks.num_free_blocks}/{eng.blocks.num_blocks}")

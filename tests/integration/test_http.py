@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
 from serving.api.admission import Admission
-from tests.integration.servers import HttpServer, async_engine
+from tests.integration.servers import HttpServer, async_engine, wait_idle
 
 DEFAULT = "SmolLM2-135M-Instruct"
 
@@ -34,18 +33,6 @@ def server(engine):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def wait_idle(engine, timeout=1.0) -> None:
-    deadline = time.monotonic() + timeout
-    eng = engine.engine
-    while time.monotonic() < deadline:
-        if not eng.scheduler.running and not eng.scheduler.waiting and \
-                eng.blocks.num_free_blocks == eng.blocks.num_blocks:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"engine not idle: running={len(eng.scheduler.running)} "
-                         f"free={eng.blocks.num_free_blocks}/{eng.blocks.num_blocks}")
 
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]

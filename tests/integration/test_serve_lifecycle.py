@@ -9,8 +9,12 @@ import sys
 import threading
 import time
 
+import grpc
 import httpx
 import openai
+
+from protos.herd.v1 import herd_pb2 as pb
+from protos.herd.v1 import herd_pb2_grpc as pb_grpc
 
 
 def _free_port() -> int:
@@ -20,9 +24,9 @@ def _free_port() -> int:
 
 
 def test_sigterm_finishes_in_flight_then_exits_zero():
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--grpc-port", str(_free_port()), "--max-num-batched-tokens", "256",
+                             "--grpc-port", str(grpc_port), "--max-num-batched-tokens", "256",
                              "--max-model-len", "1024"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -40,6 +44,10 @@ def test_sigterm_finishes_in_flight_then_exits_zero():
                 pass
             assert time.monotonic() < deadline, "server did not become ready"
             time.sleep(0.1)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            reply = pb_grpc.HerdStub(ch).Generate(pb.GenerateRequest(
+                text="Hello", params=pb.SamplingParams(max_tokens=2, ignore_eos=True)), timeout=60)
+            assert next(reply).usage.completion_tokens == 2
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         result = {}
 
