@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint's, else bfloat16), bfloat16, float32, float16")
+    p.add_argument("--quantization", "-q", choices=["int4"], default=None,
+                   help="int4: 4-bit weights (Q4_1 scheme, CPU), 8-bit output head; default: none")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
     p.add_argument("--stats", action="store_true", help="report load time and tokens/s on stderr")
@@ -24,15 +26,16 @@ def run(args: argparse.Namespace) -> int:
 
     from models.default import default_model_path
     from models.llama4 import load_model
-    from models.llama4.generate import generate_tokens
     from models.llama4.detokenizer import IncrementalDetokenizer
+    from models.llama4.generate import generate_tokens
 
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
     if args.temperature < 0:
         raise ValueError(f"--temperature: must be >= 0, got {args.temperature}")
     t0 = time.perf_counter()
-    loaded = load_model(args.model or default_model_path(), dtype=args.dtype)
+    loaded = load_model(args.model or default_model_path(), dtype=args.dtype,
+                        quantization=args.quantization)
     load_s = time.perf_counter() - t0
     tok = loaded.tokenizer
     if args.raw or tok.chat_template is None:

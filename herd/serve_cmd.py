@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantization", "-q", choices=["int4"], default=None,
+                   help="int4: 4-bit weights (Q4_1 scheme, CPU), 8-bit output head; default: none")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -41,7 +43,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace):
     from serving.engine import EngineConfig
 
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                         served_model_name=getattr(args, "served_model_name", None),
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,

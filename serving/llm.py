@@ -14,13 +14,14 @@ from serving.engine.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, dtype: str = "auto", *, seed: int = 0,
+    def __init__(self, model: str | None = None, dtype: str = "auto", *, quantization: str | None = None,
+                 seed: int = 0,
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  gpu_memory_utilization: float | None = None, memory_utilization: float = 0.5,
                  device: str = "cpu", **kwargs: Any) -> None:
         self.engine = LLMEngine.from_config(EngineConfig(
-            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, device=device,
+            model=model, dtype=dtype, quantization=quantization, seed=seed, max_model_len=max_model_len, device=device,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             memory_utilization=gpu_memory_utilization or memory_utilization, **kwargs))

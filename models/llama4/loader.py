@@ -62,7 +62,11 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               tokenizer: bool = True) -> LoadedModel:
+               tokenizer: bool = True, quantization: str | None = None) -> LoadedModel:
+    """`quantization="int4"` (CPU): weights are read in float32 (so Q4_1 GGUF codes come back
+    exactly), quantized, and the rest cast to `dtype`; peak memory is the float32 model. With
+    int4, "auto" means float32 activations: 4-bit weights plus bf16 rounding flipped greedy
+    choices on the default model where either alone did not."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory or GGUF file")
@@ -82,9 +86,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     # one tensor being read.
     with torch.device("meta"):
         model = Llama4Model(config)
-    model = model.to(resolve_dtype(dtype, config)).to_empty(device=device)
+    target = torch.float32 if quantization and dtype == "auto" else resolve_dtype(dtype, config)
+    model = model.to(torch.float32 if quantization else target).to_empty(device=device)
     model.inv_freq = Llama4Model.rope_frequencies(config).to(device)  # was built on meta
     load_weights(model, source)
+    if quantization:
+        from models.llama4.quantize import quantize_model
+
+        quantize_model(model, quantization)
+        model = model.to(target)
     model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tok, path=path)
 
@@ -92,6 +102,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
 def save_pretrained(model: Llama4Model, out_dir: str | Path, tokenizer: "Tokenizer | None" = None,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes config.json + safetensors (+ tokenizer files): what load_model and transformers read."""
+    if model.quantization:
+        raise ValueError(f"save_pretrained: the model is quantized ({model.quantization}); save the "
+                         "float model (herd writes HF safetensors in float dtypes only)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = model.config.to_hf_dict()

@@ -126,6 +126,7 @@ class Llama4Model(nn.Module):
             config.hidden_size, config.vocab_size, bias=False)
         # fp32 whatever the model's dtype: a plain attribute, so .to(bfloat16) leaves it alone.
         self.inv_freq = self.rope_frequencies(config)
+        self.quantization: str | None = None  # set by models.llama4.quantize
 
     @staticmethod
     def rope_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -142,8 +143,9 @@ class Llama4Model(nn.Module):
         return self.norm(x_TD, residual_TD)[0]
 
     def compute_logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden_TD @ weight.T
+        if self.lm_head is None:  # tied to the embedding
+            return hidden_TD @ self.embed_tokens.weight.T
+        return self.lm_head(hidden_TD)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class EngineConfig:
     model: str | None = None  # checkpoint dir or .gguf; None = the built-in default model
     dtype: str = "auto"
+    quantization: str | None = None  # "int4": weight-only 4-bit on CPU (models/llama4/quantize.py)
     device: str = "cpu"
     served_model_name: str | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped below

@@ -55,7 +55,8 @@ class LLMEngine:
         path = config.model or default_model_path()
         if config.served_model_name is None and config.model is None:
             config.served_model_name = DEFAULT_MODEL_NAME
-        return cls(load_model(path, dtype=config.dtype, device=config.device), config)
+        return cls(load_model(path, dtype=config.dtype, device=config.device,
+                              quantization=config.quantization), config)
 
     # -- requests -------------------------------------------------------------------------
 

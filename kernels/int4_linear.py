@@ -1,0 +1,80 @@
+"""Weight-only 4-bit linear layers: asymmetric round-to-nearest in groups along the input
+dimension (the scheme of llama.cpp's Q4_1: w = scale * q + min, q in 0..15).
+
+The matmul runs in torch's packed int4 CPU kernel (`_weight_int4pack_mm_for_cpu`), which
+reads a quarter of bf16's bytes: at small batch a linear layer costs what its weights take to
+stream from memory. CPU only for now: a CUDA kernel belongs to the kernels work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def quantize_int4(weight_NK: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 (N, K) in 0..15, scales (N, K/g), mins (N, K/g)), all from float32 math.
+    A group's minimum maps to code 0 and its maximum to 15, so weights that were Q4_1 to begin
+    with come back with their original codes."""
+    N, K = weight_NK.shape
+    if K % group_size:
+        raise ValueError(f"quantize_int4: in_features {K} is not a multiple of group_size {group_size}")
+    w = weight_NK.float().view(N, K // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((w - lo[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
+    return codes.view(N, K), scale, lo
+
+
+def dequantize_int4(codes_NK: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    N, K = codes_NK.shape
+    g = K // scales.shape[1]
+    w = codes_NK.view(N, K // g, g).float() * scales[..., None].float() + mins[..., None].float()
+    return w.view(N, K)
+
+
+def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
+    """Shapes the packed CPU kernel takes (N a multiple of 16, K of the group)."""
+    return out_features % 16 == 0 and in_features % group_size == 0 and group_size in GROUP_SIZES
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(W).T, W kept packed (N, K/2 bytes) with per-group scale and zero."""
+
+    def __init__(self, codes_NK: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
+        super().__init__()
+        N, K = codes_NK.shape
+        self.out_features, self.in_features = N, K
+        self.group_size = K // scales.shape[1]
+        if not int4_supported(N, K, self.group_size):
+            raise ValueError(f"Int4Linear: shape ({N}, {K}) with group {self.group_size} is not supported "
+                             "(out_features must be a multiple of 16, in_features of the group size)")
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes_NK.to(torch.int32).contiguous(), 1))
+        # The kernel computes (q - 8) * scale + zero; Q4_1's min is the weight at q = 0.
+        zeros = mins.float() + 8 * scales.float()
+        self.register_buffer("scales_zeros", torch.stack([scales.float().t(), zeros.t()], dim=-1).contiguous())
+
+    @classmethod
+    def from_float(cls, weight_NK: torch.Tensor, group_size: int = 32) -> "Int4Linear":
+        return cls(*quantize_int4(weight_NK, group_size))
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 (N, K) weight the kernel multiplies by (the kernel applied to I)."""
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
+        return self(eye).t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise NotImplementedError("Int4Linear runs on CPU only for now")
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        sz = self.scales_zeros if self.scales_zeros.dtype == x.dtype else self.scales_zeros.to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

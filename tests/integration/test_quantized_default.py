@@ -1,0 +1,33 @@
+"""The default model served with int4 weights: the GGUF's own Q4_1 codes, and sane answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.int4_linear import Int4Linear
+from serving import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(quantization="int4", max_model_len=512, memory_utilization=0.3)
+
+
+def test_weights_are_the_gguf_codes(llm, default_fp32):
+    quant, ref = llm.engine.model, default_fp32.model
+    for i in (0, 15, 29):
+        q, r = quant.layers[i], ref.layers[i]
+        for got, want in ((q.self_attn.qkv_proj, r.self_attn.qkv_proj), (q.feed_forward.down_proj,
+                                                                          r.feed_forward.down_proj)):
+            assert isinstance(got, Int4Linear)
+            # Q4_1 blocks re-quantize to themselves: only float rounding separates the two.
+            torch.testing.assert_close(got.dequantized(), want.weight.float(), atol=2e-6, rtol=1e-5)
+
+
+def test_greedy_answers_through_the_engine(llm):
+    params = SamplingParams(temperature=0, max_tokens=12)
+    outs = llm.chat([[{"role": "user", "content": "What is the capital of France?"}],
+                     [{"role": "user", "content": "What is 2 + 2? Answer with a number."}]], params, use_tqdm=False)
+    assert "Paris" in outs[0].outputs[0].text
+    assert "4" in outs[1].outputs[0].text
