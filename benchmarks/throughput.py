@@ -36,7 +36,7 @@ import _common
 from report import bar_chart, machine_info, md_table
 
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
-ENGINES = ("herd", "vllm", "llamacpp", "transformers")
+ENGINES = ("herd", "herd-int4", "vllm", "llamacpp", "transformers")
 
 
 def engine_command(engine: str, gguf: Path) -> list[str] | None:
@@ -44,6 +44,9 @@ def engine_command(engine: str, gguf: Path) -> list[str] | None:
     herd_py = ROOT / ".venv/bin/python"
     if engine == "herd":
         return [str(herd_py), str(PEERS / "herd_offline.py"), "--model", "default"]
+    if engine == "herd-int4":  # the GGUF's own 4-bit codes, float32 activations
+        return [str(herd_py), str(PEERS / "herd_offline.py"), "--model", "default",
+                "--quantization", "int4", "--dtype", "auto"]
     if engine == "transformers":
         if importlib.util.find_spec("transformers") is None:
             return None

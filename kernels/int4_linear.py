@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 GROUP_SIZES = (32, 64, 128, 256)
+COMPUTE_DTYPE = torch.bfloat16
 
 
 def quantize_int4(weight_NK: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,7 +57,8 @@ class Int4Linear(nn.Module):
             codes_NK.to(torch.int32).contiguous(), 1))
         # The kernel computes (q - 8) * scale + zero; Q4_1's min is the weight at q = 0.
         zeros = mins.float() + 8 * scales.float()
-        self.register_buffer("scales_zeros", torch.stack([scales.float().t(), zeros.t()], dim=-1).contiguous())
+        self.register_buffer("scales_zeros", torch.stack([scales.float().t(), zeros.t()], dim=-1)
+                             .to(COMPUTE_DTYPE).contiguous())
 
     @classmethod
     def from_float(cls, weight_NK: torch.Tensor, group_size: int = 32) -> "Int4Linear":
@@ -65,16 +67,20 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The float32 (N, K) weight the kernel multiplies by (the kernel applied to I)."""
         eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
-        return self(eye).t().contiguous()
+        sz = self.scales_zeros.float()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, sz).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Computes in bfloat16 whatever x's dtype (the kernel's float32 path is scalar code,
+        30x slower); the result comes back in x's dtype."""
         if x.device.type != "cpu":
             raise NotImplementedError("Int4Linear runs on CPU only for now")
+        if self.scales_zeros.dtype != COMPUTE_DTYPE:  # a model.to(dtype) cast it
+            self.scales_zeros = self.scales_zeros.to(COMPUTE_DTYPE)
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        sz = self.scales_zeros if self.scales_zeros.dtype == x.dtype else self.scales_zeros.to(x.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
-        return y.view(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

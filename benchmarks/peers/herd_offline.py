@@ -31,6 +31,8 @@ def extra_args(ap):
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="default: the longest prompt + max_tokens, rounded up to 256")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model step")
+    ap.add_argument("--dtype", default=None, help="default: the workload's (with --quantization int4 "
+                    "pass auto: float32 activations)")
     ap.add_argument("--quantization", default=None, help="e.g. int4 (herd's weight-only int4 on CPU)")
     ap.add_argument("--warmup-tokens", type=int, default=4)
 
@@ -54,10 +56,10 @@ def main():
     max_tokens = workload["max_tokens"]
     max_len = args.max_model_len or -(-(max(map(len, prompts)) + max_tokens) // 256) * 256
     t0 = time.perf_counter()
-    llm = LLM(model=str(model), dtype=workload["dtype"], max_model_len=max_len,
+    llm = LLM(model=str(model), dtype=args.dtype or workload["dtype"], max_model_len=max_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               memory_utilization=args.memory_utilization, enable_prefix_caching=True,
-              compile=args.compile, seed=0, **({"quantization": args.quantization} if args.quantization else {}))
+              seed=0, quantization=args.quantization, compile=args.compile)
     load_s = time.perf_counter() - t0
 
     def params(n):

@@ -117,7 +117,7 @@ class AsyncEngine:
                     continue
                 for out in engine.step():
                     self._deliver(out.request_id, out)
-        except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
+        except BaseException as e:
             self.error = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"the engine stopped: {e!r}"))

@@ -43,13 +43,13 @@ class LLMEngine:
         eos = frozenset(self.tokenizer.stop_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
-                                  self.tokenizer.token_to_str)
+                                  self.tokenizer.token_to_str, compile=config.compile)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.stats = EngineStats(num_kv_blocks=num_blocks)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
         from models.default import DEFAULT_MODEL_NAME, default_model_path
 
         path = config.model or default_model_path()

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from models.llama4.model import Llama4Model
+from serving.engine.outputs import PositionLogprobs
 from serving.engine.paged_attention import PagedAttention, SeqSlice
 from serving.engine.sampler import Sample, SampleRow, prompt_logprobs, sample
 from serving.engine.scheduler import SchedulerOutput
-from serving.engine.outputs import PositionLogprobs
 
 
 @dataclass
@@ -37,8 +37,16 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 class ModelRunner:
     def __init__(self, model: Llama4Model, num_blocks: int, block_size: int,
-                 stop_ids_for, decode_token=lambda t: None) -> None:
+                 stop_ids_for, decode_token=lambda t: None, compile: bool = False) -> None:
         self.model = model
+        # torch.compile fuses what lies between attention calls (norms, RoPE, SwiGLU, dtype
+        # casts) and drops most per-op dispatch; attention itself stays eager (a graph break).
+        self.forward = model.forward
+        if compile:
+            # Layer indices are ints on modules; left specialised, each layer would be its own
+            # graph (and past 8, eager again).
+            torch._dynamo.config.allow_unspec_int_on_nn_module = True
+            self.forward = torch.compile(model.forward, dynamic=True)
         self.block_size = block_size
         self.num_blocks = num_blocks
         c = model.config
@@ -68,7 +76,7 @@ class ModelRunner:
         positions_T = torch.tensor(positions, device=dev)
         attn = PagedAttention(self.k_caches, self.v_caches, self.block_size, slices, positions_T,
                               self.pad_block)
-        hidden_TD = self.model(torch.tensor(ids, device=dev), positions_T, attn)
+        hidden_TD = self.forward(torch.tensor(ids, device=dev), positions_T, attn)
 
         sampling = [(i, s) for i, s in enumerate(sched.scheduled) if s.samples]
         samples: dict[int, Sample] = {}

@@ -58,7 +58,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     delta: bool = field(default=False, repr=False)
 
-    def merge(self, later: "RequestOutput") -> None:
+    def merge(self, later: RequestOutput) -> None:
         """Appends a later delta of the same request onto this (cumulative) output."""
         by_index = {o.index: o for o in self.outputs}
         for new in later.outputs:

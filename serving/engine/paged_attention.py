@@ -4,8 +4,8 @@ Each layer's cache is (num_blocks + 1, block_size, K, d); token p of a sequence 
 block_table[p // block_size] at offset p % block_size; the extra last block is all zeros and
 pads gathers. What does not depend on the layer (slots, gather indices, masks) is built once
 per step and shared by all layers. Three kinds of work, each batched its own way:
-- decodes (one query each): one padded SDPA over whole gathered blocks, GQA groups folded
-  into the query axis;
+- decodes (one query each): grouped, see decode_attention.py (cascade over shared prefixes,
+  one padded SDPA for the rest);
 - fresh prefills (a prompt from position 0): one padded causal SDPA on this step's k/v, no
   gather (padding sits after each prompt, so causality already hides it);
 - continued prefills (a chunk after cached tokens): one masked SDPA each over its gathered context.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.llama4.attention import AttentionContext, attend_dense
+from serving.engine.decode_attention import decode_groups
 
 
 @dataclass
@@ -46,15 +47,7 @@ class PagedAttention(AttentionContext):
         decodes = [s for s in seqs if s.q_len == 1 and s.context_len > 1]
         self.fresh = [s for s in seqs if s.q_len == s.context_len]
         self.continued = [(s, slots(s, 0)) for s in seqs if s.q_len < s.context_len and s.q_len > 1]
-        self._masks: dict[int | None, torch.Tensor] = {}
-        if decodes:
-            nb = max(-(-s.context_len // bs) for s in decodes)
-            self.decode_rows = torch.tensor([s.q_start for s in decodes], device=dev)
-            self.decode_blocks = torch.tensor([s.block_table[:-(-s.context_len // bs)] + [pad_block] * (
-                nb - -(-s.context_len // bs)) for s in decodes], dtype=torch.long, device=dev)
-            lens = torch.tensor([s.context_len for s in decodes], device=dev)
-            self.decode_k_pos = torch.arange(nb * bs, device=dev)
-            self.decode_valid = self.decode_k_pos[None, :] < lens[:, None]
+        self.decode_groups = decode_groups(decodes, bs, pad_block, positions_T) if decodes else []
         if len(self.fresh) > 1:
             longest = max(s.q_len for s in self.fresh)
             offsets = torch.arange(longest, device=dev)
@@ -66,17 +59,7 @@ class PagedAttention(AttentionContext):
             self.fresh_rows = self.fresh_index[self.fresh_valid]
             self.fresh_longest = longest
 
-    def _decode_mask(self, chunk_size: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """Additive (B, 1, 1, L) mask, built once per step for all layers of a kind."""
-        if chunk_size not in self._masks:
-            q_pos = self.positions[self.decode_rows]
-            keep = self.decode_valid & (self.decode_k_pos[None, :] <= q_pos[:, None])
-            if chunk_size is not None:
-                keep &= (self.decode_k_pos[None, :] // chunk_size) == (q_pos[:, None] // chunk_size)
-            mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
-            self._masks[chunk_size] = mask[:, None, None, :]
-        return self._masks[chunk_size]
-
+    @torch.compiler.disable  # eager under a compiled model: its Python bookkeeping varies per step
     def attend(self, layer, q_THd, k_TKd, v_TKd, chunk_size, scale):
         K, d = k_TKd.shape[1:]
         kc, vc = self.k_caches[layer], self.v_caches[layer]
@@ -84,17 +67,8 @@ class PagedAttention(AttentionContext):
         vc.view(-1, K, d)[self.slot_mapping] = v_TKd
         out = torch.empty_like(q_THd)
         gqa = q_THd.shape[1] != K
-        if hasattr(self, "decode_rows"):
-            B = self.decode_blocks.shape[0]
-            k_BLKd = kc.index_select(0, self.decode_blocks.flatten()).view(B, -1, K, d)
-            v_BLKd = vc.index_select(0, self.decode_blocks.flatten()).view(B, -1, K, d)
-            # GQA folded into the query axis: the G query heads sharing a KV head become G
-            # queries of it (h = kv * G + g), so each KV row is read once, not G times.
-            q_BKGd = q_THd[self.decode_rows].view(B, K, -1, d)
-            o = F.scaled_dot_product_attention(q_BKGd, k_BLKd.transpose(1, 2), v_BLKd.transpose(1, 2),
-                                               attn_mask=self._decode_mask(chunk_size, q_THd.dtype),
-                                               scale=scale)
-            out[self.decode_rows] = o.reshape(B, -1, d)
+        for group in self.decode_groups:
+            group.attend(q_THd, kc, vc, chunk_size, scale, out)
         if len(self.fresh) > 1 and (chunk_size is None or chunk_size >= self.fresh_longest):
             idx = self.fresh_index
             o = F.scaled_dot_product_attention(q_THd[idx].transpose(1, 2), k_TKd[idx].transpose(1, 2),

@@ -20,7 +20,7 @@ class Status(enum.Enum):
 class Sequence:
     """One sample of a request. KV for tokens [0, num_computed) is in `blocks`."""
 
-    def __init__(self, seq_id: int, request: "Request", index: int) -> None:
+    def __init__(self, seq_id: int, request: Request, index: int) -> None:
         self.seq_id = seq_id
         self.request = request
         self.index = index

@@ -163,3 +163,23 @@ def test_min_tokens_max_tokens_and_validation(tiny_llama4):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="prompt"):
         engine.add_request("bad-token", {"prompt_token_ids": [10**6]}, SamplingParams())
+
+
+def test_shared_prefix_cascade_equals_alone(tiny_llama4, monkeypatch):
+    """Decodes sharing a long cached prefix take the cascade path; outputs match single runs."""
+    from serving.engine import decode_attention
+
+    calls = []
+    original = decode_attention.DecodeGroup._cascade
+    monkeypatch.setattr(decode_attention.DecodeGroup, "_cascade",
+                        lambda self, *a: calls.append(self.shared) or original(self, *a))
+    engine = engine_for(tiny_llama4, num_kv_blocks=200, max_model_len=256, max_num_batched_tokens=64)
+    system = _prompts(1, [150])[0]
+    tails = [[5], [6, 7], [8, 9, 10], [11], [12, 13, 14, 15, 16]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    reqs = [(f"s{i}", {"prompt_token_ids": system + t}, params) for i, t in enumerate(tails)]
+    out = run(engine, [reqs[:1], *[[]] * 4, reqs[1:]])  # the first caches the prefix
+    assert calls and max(calls) * 4 >= 128
+    for i, t in enumerate(tails):
+        assert out[f"s{i}"].outputs[0].token_ids == list(generate_tokens(tiny_llama4.model, system + t, 12)), i
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
