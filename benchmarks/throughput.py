@@ -73,6 +73,7 @@ def reused(engine: str, workload: Path, args) -> dict | None:
     if not found:
         return None
     best = min(found, key=lambda r: r.get("other_cores_busy") or 0.0)
+    best["engine"] = engine
     log = Path(ROOT / best["reused_from"]).with_suffix(".log")
     best["command"] = f"(reused {best['reused_from']}; log {log.relative_to(ROOT)})"
     print(f"reusing {best['reused_from']}: {best['tokens_per_s']} tok/s")
@@ -100,6 +101,7 @@ def run_engine(engine: str, cmd: list[str], workload: Path, outdir: Path, args) 
             print(f"  failed (rc={rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-8:]))
             continue
         res = json.loads(out.read_text())
+        res["engine"] = engine  # herd-int4 runs the herd runner; the table names the variant
         res["command"] = shlex.join(full)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         res["attempt"] = attempt + 1

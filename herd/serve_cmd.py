@@ -38,6 +38,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization",
                    type=float, default=0.5, help="fraction of device memory for weights + activations + KV")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model step (faster single requests; slower warm-up)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -47,7 +49,8 @@ def engine_config(args: argparse.Namespace):
                         served_model_name=getattr(args, "served_model_name", None),
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                        memory_utilization=args.memory_utilization, enable_prefix_caching=args.prefix_caching)
+                        memory_utilization=args.memory_utilization, enable_prefix_caching=args.prefix_caching,
+                        compile=args.compile)
 
 
 def run(args: argparse.Namespace) -> int:
