@@ -30,10 +30,15 @@ def quantize_int4(weight_NK: torch.Tensor, group_size: int = 32) -> tuple[torch.
     return codes.view(N, K), scale, lo
 
 
-def dequantize_int4(codes_NK: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(codes_NK: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    param_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 weights from codes; `param_dtype` rounds the scale and the kernel's zero point
+    (min + 8 * scale) as Int4Linear stores them (bf16), giving exactly what it multiplies by."""
     N, K = codes_NK.shape
     g = K // scales.shape[1]
-    w = codes_NK.view(N, K // g, g).float() * scales[..., None].float() + mins[..., None].float()
+    s = scales.float().to(param_dtype).float()[..., None]
+    z = (mins.float() + 8 * scales.float()).to(param_dtype).float()[..., None]
+    w = (codes_NK.view(N, K // g, g).float() - 8) * s + z
     return w.view(N, K)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.int4_linear import Int4Linear
+from kernels.int4_linear import Int4Linear, dequantize_int4, quantize_int4
 from serving import LLM, SamplingParams
 
 
@@ -21,8 +21,12 @@ def test_weights_are_the_gguf_codes(llm, default_fp32):
         for got, want in ((q.self_attn.qkv_proj, r.self_attn.qkv_proj), (q.feed_forward.down_proj,
                                                                           r.feed_forward.down_proj)):
             assert isinstance(got, Int4Linear)
-            # Q4_1 blocks re-quantize to themselves: only float rounding separates the two.
-            torch.testing.assert_close(got.dequantized(), want.weight.float(), atol=2e-6, rtol=1e-5)
+            # Q4_1 blocks re-quantize to their own codes; the kernel keeps scale and zero in bf16.
+            codes, scales, mins = quantize_int4(want.weight.float(), 32)
+            torch.testing.assert_close(dequantize_int4(codes, scales, mins), want.weight.float(),
+                                       atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(got.dequantized(), dequantize_int4(codes, scales, mins, torch.bfloat16),
+                                       atol=1e-6, rtol=0)
 
 
 def test_greedy_answers_through_the_engine(llm):
