@@ -28,6 +28,20 @@ def moe_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_d
     return out_TD
 
 
+@torch.library.custom_op("herd::moe_experts", mutates_args=())
+def _moe_experts_op(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                    w_gate_up_EDF: torch.Tensor, w_down_EID: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Its per-expert token counts are data: an opaque op keeps a compiled graph whole.
+        return _moe_experts_op(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_down_EID)
+    return moe_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_down_EID)
+
+
+@_moe_experts_op.register_fake
+def _(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_down_EID):
+    return torch.empty_like(x_TD)
+
+
 def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                 w_gate_up_EDF: torch.Tensor, w_down_EID: torch.Tensor) -> torch.Tensor:
     """Sum over each token's experts e of down_e(silu(gate_e(w x)) * up_e(w x)); F = 2I."""
@@ -39,4 +53,7 @@ def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
     if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != T:
         raise ValueError(f"moe_experts: topk ids {tuple(topk_ids_TK.shape)} / weights "
                          f"{tuple(topk_weights_TK.shape)} for {T} tokens")
+    if torch.compiler.is_compiling():
+        # Its per-expert token counts are data: an opaque op keeps a compiled graph whole.
+        return _moe_experts_op(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_down_EID)
     return moe_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_down_EID)

@@ -27,6 +27,13 @@ class LLM:
             memory_utilization=gpu_memory_utilization or memory_utilization, **kwargs))
         self._ids = itertools.count()
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """The offline API over an engine built elsewhere (e.g. a tensor-parallel replica's)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm._ids = engine, itertools.count()
+        return llm
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

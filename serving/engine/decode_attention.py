@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from models.llama4.attention import AttentionContext
+
 if TYPE_CHECKING:
     from serving.engine.paged_attention import SeqSlice
 
@@ -110,17 +112,50 @@ class DecodeGroup:
 
 def decode_groups(seqs: list[SeqSlice], block_size: int, pad_block: int,
                   positions_T: torch.Tensor) -> list[DecodeGroup]:
-    """Cascade groups (same first block and a long enough shared prefix), then one plain group."""
+    """Cascade groups (same first block and a long enough shared prefix), then one plain group
+    of the rest in the step's order (a step of plain decodes then maps row i to sequence i)."""
     by_first: dict[int, list[SeqSlice]] = defaultdict(list)
     for s in seqs:
         by_first[s.block_table[0]].append(s)
-    groups, plain = [], []
+    groups, cascaded = [], set()
     for members in by_first.values():
         shared = _shared_prefix_blocks(members, block_size)
         if shared * block_size >= CASCADE_MIN_TOKENS:
             groups.append(DecodeGroup(members, shared, block_size, pad_block, positions_T))
-        else:
-            plain.extend(members)
+            cascaded.update(id(s) for s in members)
+    plain = [s for s in seqs if id(s) not in cascaded]
     if plain:
         groups.append(DecodeGroup(plain, 0, block_size, pad_block, positions_T))
     return groups
+
+
+class DecodeOnlyAttention(AttentionContext):
+    """A step of decodes only, no cascade: everything per-step is a tensor built here, and
+    attend() has no Python branching that varies between steps, so torch.compile traces the
+    whole model forward into one graph (the batch-1 latency path: no per-op dispatch)."""
+
+    def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], group: DecodeGroup,
+                 slot_mapping: torch.Tensor, chunk_sizes: set[int | None], dtype: torch.dtype) -> None:
+        self.k_caches, self.v_caches = k_caches, v_caches
+        self.slot_mapping = slot_mapping
+        self.blocks = group.blocks.flatten()
+        self.masks = {c: group.mask(c, dtype) for c in chunk_sizes}
+        # Batch size and context length vary every step: one compiled graph for all of them
+        # (batch size 1 is still its own graph: torch specialises sizes 0 and 1).
+        for t in (self.slot_mapping, self.blocks):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for m in self.masks.values():
+            torch._dynamo.maybe_mark_dynamic(m, 0)
+            torch._dynamo.maybe_mark_dynamic(m, 3)
+
+    def attend(self, layer, q_THd, k_TKd, v_TKd, chunk_size, scale):
+        B, H, d = q_THd.shape
+        K = k_TKd.shape[1]
+        kc, vc = self.k_caches[layer], self.v_caches[layer]
+        kc.view(-1, K, d).index_copy_(0, self.slot_mapping, k_TKd)
+        vc.view(-1, K, d).index_copy_(0, self.slot_mapping, v_TKd)
+        k_BLKd = kc.index_select(0, self.blocks).view(B, -1, K, d)
+        v_BLKd = vc.index_select(0, self.blocks).view(B, -1, K, d)
+        o = F.scaled_dot_product_attention(q_THd.reshape(B, K, H // K, d), k_BLKd.transpose(1, 2),
+                                           v_BLKd.transpose(1, 2), attn_mask=self.masks[chunk_size], scale=scale)
+        return o.reshape(B, H, d)

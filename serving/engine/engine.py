@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from models.errors import CheckpointError
@@ -23,7 +24,10 @@ PromptInput = str | list[int] | dict[str, Any]
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig,
+                 runner_factory: Callable[..., ModelRunner] = ModelRunner) -> None:
+        """`runner_factory` builds the step executor (ModelRunner's arguments); a tensor-parallel
+        replica passes one whose steps also reach the other ranks."""
         if loaded.tokenizer is None:
             raise CheckpointError(f"{loaded.path}: the engine needs the model's tokenizer")
         self.config = config
@@ -42,8 +46,9 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         eos = frozenset(self.tokenizer.stop_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
+        self.runner = runner_factory(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
                                   self.tokenizer.token_to_str, compile=config.compile)
+        self.runner.warm_up()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.stats = EngineStats(num_kv_blocks=num_blocks)

@@ -10,6 +10,7 @@ import torch
 from models.llama4.attention import DenseAttention
 from models.llama4.model import Llama4Model
 from serving.engine.config import EngineConfig
+from serving.engine.model_runner import kv_block_bytes
 
 
 def _meminfo_bytes(key: str) -> int:
@@ -65,7 +66,7 @@ def plan_kv_blocks(model: Llama4Model, config: EngineConfig, max_model_len: int)
     capped at what max_num_seqs full-length sequences could use."""
     c = model.config
     dtype = next(model.parameters()).dtype
-    block_bytes = 2 * c.num_hidden_layers * config.block_size * c.num_key_value_heads * c.head_dim * dtype.itemsize
+    block_bytes = kv_block_bytes(model, config.block_size, dtype)
     blocks_per_seq = -(-max_model_len // config.block_size)
     if config.num_kv_blocks is not None:
         if config.num_kv_blocks < blocks_per_seq:

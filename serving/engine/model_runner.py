@@ -16,14 +16,28 @@ from serving.engine.scheduler import SchedulerOutput
 
 
 @dataclass
+class StepInputs:
+    """What every rank needs to run a step: the flat batch and which rows become logits."""
+    ids: list[int]
+    positions: list[int]
+    slices: list[SeqSlice]
+    logit_rows: list[int]  # the sampled rows (in scheduled order), then prompt-logprob rows
+
+
+@dataclass
 class StepResult:
     samples: dict[int, Sample]  # seq_id -> the token sampled for it
     prompt_logprobs: dict[int, list[PositionLogprobs]]  # seq_id -> entries for this chunk
 
 
+def kv_heads(model: Llama4Model) -> int:
+    """KV heads this process stores: all of them, or a tensor-parallel rank's share."""
+    return model.layers[0].self_attn.n_kv
+
+
 def kv_block_bytes(model: Llama4Model, block_size: int, dtype: torch.dtype) -> int:
     c = model.config
-    return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * dtype.itemsize
+    return 2 * c.num_hidden_layers * block_size * kv_heads(model) * c.head_dim * dtype.itemsize
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -39,14 +53,14 @@ class ModelRunner:
     def __init__(self, model: Llama4Model, num_blocks: int, block_size: int,
                  stop_ids_for, decode_token=lambda t: None, compile: bool = False) -> None:
         self.model = model
-        # torch.compile fuses what lies between attention calls (norms, RoPE, SwiGLU, dtype
-        # casts) and drops most per-op dispatch; attention itself stays eager (a graph break).
-        self.forward = model.forward
+        # torch.compile covers steps of plain decodes (DecodeOnlyAttention): the whole forward
+        # is one graph, with no per-op dispatch. Steps with prefills stay eager: their attention
+        # bookkeeping varies per step, and a graph break inside the layer loop would make
+        # dynamo give up on the whole forward.
+        self.decode_forward = model.forward
         if compile:
-            # Layer indices are ints on modules; left specialised, each layer would be its own
-            # graph (and past 8, eager again).
-            torch._dynamo.config.allow_unspec_int_on_nn_module = True
-            self.forward = torch.compile(model.forward, dynamic=True)
+            self.decode_forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
+        self.chunk_sizes = {layer.self_attn.chunk_size for layer in model.layers}
         self.block_size = block_size
         self.num_blocks = num_blocks
         c = model.config
@@ -54,7 +68,7 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         # One extra block pads gathers. Every slot must hold a finite value: attention reads
         # whole blocks and masks the unwritten tail, and 0 * NaN would still be NaN.
-        shape = (num_blocks + 1, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks + 1, block_size, kv_heads(model), c.head_dim)
         self.k_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.v_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.pad_block = num_blocks
@@ -62,47 +76,91 @@ class ModelRunner:
         self.decode_token = decode_token
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def warm_up(self) -> None:
+        """Compiles the decode graphs now rather than in the first requests (batch of 1, and
+        of several), with decodes whose keys all live in the zero padding block."""
+        if self.decode_forward is self.model.forward:
+            return
+        bs, pad = self.block_size, self.pad_block
+        for batch in (1, 2):
+            self.run_model(StepInputs([0] * batch, [bs] * batch, [SeqSlice(i, 1, bs + 1, [pad, pad])
+                                                                  for i in range(batch)], []))
+        for cache in self.k_caches + self.v_caches:  # the warm-up wrote its k/v there
+            cache[pad].zero_()
+
+    @staticmethod
+    def prepare(sched: SchedulerOutput) -> StepInputs:
         ids: list[int] = []
         positions: list[int] = []
         slices: list[SeqSlice] = []
+        rows: list[int] = []
         for item in sched.scheduled:
             seq = item.seq
             end = item.start + item.num_tokens
             slices.append(SeqSlice(len(ids), item.num_tokens, end, seq.blocks))
             ids.extend(seq.token_ids[item.start:end])
             positions.extend(range(item.start, end))
-        dev = self.device
-        positions_T = torch.tensor(positions, device=dev)
-        attn = PagedAttention(self.k_caches, self.v_caches, self.block_size, slices, positions_T,
-                              self.pad_block)
-        hidden_TD = self.forward(torch.tensor(ids, device=dev), positions_T, attn)
+        for item, sl in zip(sched.scheduled, slices):
+            if item.samples:
+                rows.append(sl.q_start + sl.q_len - 1)
+        for item, sl in zip(sched.scheduled, slices):
+            span = _prompt_logprob_rows(item)
+            if span is not None:
+                rows.extend(range(sl.q_start + span[0] - item.start, sl.q_start + span[1] - item.start))
+        return StepInputs(ids, positions, slices, rows)
 
-        sampling = [(i, s) for i, s in enumerate(sched.scheduled) if s.samples]
+    @torch.inference_mode()
+    def run_model(self, step: StepInputs) -> torch.Tensor:
+        """The forward pass over the step's tokens -> logits of step.logit_rows. Under tensor
+        parallelism every rank runs this with the same step (it holds the collectives)."""
+        dev = self.device
+        positions_T = torch.tensor(step.positions, device=dev)
+        attn = PagedAttention(self.k_caches, self.v_caches, self.block_size, step.slices, positions_T,
+                              self.pad_block)
+        decode = attn.decode_only(self.chunk_sizes, self.dtype)
+        forward = self.model.forward if decode is None else self.decode_forward
+        hidden_TD = forward(torch.tensor(step.ids, device=dev), positions_T, decode or attn)
+        if not step.logit_rows:
+            return hidden_TD.new_empty(0, self.model.config.vocab_size)
+        return self.model.compute_logits(hidden_TD[torch.tensor(step.logit_rows, device=dev)])
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        step = self.prepare(sched)
+        logits = self.run_model(step)
+        sampling = [s for s in sched.scheduled if s.samples]
         samples: dict[int, Sample] = {}
         if sampling:
-            rows = torch.tensor([slices[i].q_start + slices[i].q_len - 1 for i, _ in sampling], device=dev)
-            logits = self.model.compute_logits(hidden_TD[rows])
             sample_rows = [SampleRow(s.seq.request.params, s.seq.request.prompt_token_ids, s.seq.output_ids,
-                                     self.stop_ids_for(s.seq), s.seq.generator) for _, s in sampling]
-            for (_, s), out in zip(sampling, sample(logits, sample_rows, self.decode_token)):
+                                     self.stop_ids_for(s.seq), s.seq.generator) for s in sampling]
+            for s, out in zip(sampling, sample(logits[:len(sampling)], sample_rows, self.decode_token)):
                 samples[s.seq.seq_id] = out
-        return StepResult(samples, self._prompt_logprobs(sched, slices, hidden_TD))
+        return StepResult(samples, self._prompt_logprobs(sched, logits[len(sampling):]))
 
-    def _prompt_logprobs(self, sched, slices, hidden_TD) -> dict[int, list[PositionLogprobs]]:
-        out = {}
-        for item, sl in zip(sched.scheduled, slices):
+    def _prompt_logprobs(self, sched, logits) -> dict[int, list[PositionLogprobs]]:
+        out, at = {}, 0
+        for item in sched.scheduled:
+            span = _prompt_logprob_rows(item)
+            if span is None:
+                continue
+            first, last = span
             seq = item.seq
-            req = seq.request
-            if seq.index != 0 or not req.wants_prompt_logprobs:
-                continue
-            # Row p predicts token p + 1; keep the rows whose target is still in the prompt.
-            first = len(req.prompt_logprobs) - 1
-            last = min(item.start + item.num_tokens, seq.num_prompt_tokens - 1)
-            if last <= first or first < item.start:
-                continue
-            rows = slice(sl.q_start + first - item.start, sl.q_start + last - item.start)
-            logits = self.model.compute_logits(hidden_TD[rows])
             targets = seq.token_ids[first + 1:last + 1]
-            out[seq.seq_id] = prompt_logprobs(logits, targets, req.params.prompt_logprobs, self.decode_token)
+            out[seq.seq_id] = prompt_logprobs(logits[at:at + last - first], targets,
+                                              seq.request.params.prompt_logprobs, self.decode_token)
+            at += last - first
         return out
+
+
+def _prompt_logprob_rows(item) -> tuple[int, int] | None:
+    """Prompt positions [first, last) of this chunk whose next-token logprobs are still owed
+    (row p predicts token p + 1; only targets inside the prompt), or None."""
+    seq = item.seq
+    req = seq.request
+    if seq.index != 0 or not req.wants_prompt_logprobs:
+        return None
+    first = len(req.prompt_logprobs) - 1
+    last = min(item.start + item.num_tokens, seq.num_prompt_tokens - 1)
+    if last <= first or first < item.start:
+        return None
+    return first, last

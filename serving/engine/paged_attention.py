@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.llama4.attention import AttentionContext, attend_dense
-from serving.engine.decode_attention import decode_groups
+from serving.engine.decode_attention import DecodeOnlyAttention, decode_groups
 
 
 @dataclass
@@ -58,6 +58,13 @@ class PagedAttention(AttentionContext):
             self.fresh_index = torch.where(self.fresh_valid, starts[:, None] + offsets[None, :], 0)
             self.fresh_rows = self.fresh_index[self.fresh_valid]
             self.fresh_longest = longest
+
+    def decode_only(self, chunk_sizes: set[int | None], dtype: torch.dtype) -> DecodeOnlyAttention | None:
+        """The same step as a DecodeOnlyAttention when it is one plain group of decodes."""
+        groups = self.decode_groups
+        if self.fresh or self.continued or len(groups) != 1 or groups[0].shared:
+            return None
+        return DecodeOnlyAttention(self.k_caches, self.v_caches, groups[0], self.slot_mapping, chunk_sizes, dtype)
 
     @torch.compiler.disable  # eager under a compiled model: its Python bookkeeping varies per step
     def attend(self, layer, q_THd, k_TKd, v_TKd, chunk_size, scale):
