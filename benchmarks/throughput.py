@@ -36,17 +36,22 @@ import _common
 from report import bar_chart, machine_info, md_table
 
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
-ENGINES = ("herd", "herd-int4", "vllm", "llamacpp", "transformers")
+HERD_VARIANTS = {  # name -> herd_offline.py options
+    "herd": [],
+    "herd-compile": ["--compile"],
+    # the GGUF's own 4-bit codes, float32 activations (bf16 matmuls)
+    "herd-int4": ["--quantization", "int4", "--dtype", "auto"],
+    "herd-int4-compile": ["--quantization", "int4", "--dtype", "auto", "--compile"],
+}
+PEER_ENGINES = ("vllm", "llamacpp", "transformers")
+ENGINES = (*HERD_VARIANTS, *PEER_ENGINES)
 
 
 def engine_command(engine: str, gguf: Path) -> list[str] | None:
     """The runner's command line without its common arguments, or None when unavailable."""
     herd_py = ROOT / ".venv/bin/python"
-    if engine == "herd":
-        return [str(herd_py), str(PEERS / "herd_offline.py"), "--model", "default"]
-    if engine == "herd-int4":  # the GGUF's own 4-bit codes, float32 activations
-        return [str(herd_py), str(PEERS / "herd_offline.py"), "--model", "default",
-                "--quantization", "int4", "--dtype", "auto"]
+    if engine in HERD_VARIANTS:
+        return [str(herd_py), str(PEERS / "herd_offline.py"), "--model", "default", *HERD_VARIANTS[engine]]
     if engine == "transformers":
         if importlib.util.find_spec("transformers") is None:
             return None
@@ -101,7 +106,7 @@ def run_engine(engine: str, cmd: list[str], workload: Path, outdir: Path, args) 
             print(f"  failed (rc={rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-8:]))
             continue
         res = json.loads(out.read_text())
-        res["engine"] = engine  # herd-int4 runs the herd runner; the table names the variant
+        res["engine"] = engine  # every herd variant runs the herd runner; the table names the variant
         res["command"] = shlex.join(full)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         res["attempt"] = attempt + 1
@@ -141,6 +146,20 @@ def summarise(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def variants_vs_peers(rows: list[dict], key: str, higher_is_better: bool) -> list[str]:
+    """A table: each herd variant's speed over each peer's (>1 means herd is faster)."""
+    herds = [r for r in rows if r["engine"] in HERD_VARIANTS and r.get(key)]
+    peers = [r for r in rows if r["engine"] in PEER_ENGINES and r.get(key)]
+    if not herds or not peers:
+        return []
+    cells = [{"variant": h["engine"], **{p["engine"]: _ratio(*((h[key], p[key]) if higher_is_better
+                                                            else (p[key], h[key]))) for p in peers}}
+             for h in herds]
+    what = "tok/s over the peer's" if higher_is_better else "speed (peer's ms/token over herd's)"
+    return [f"Each herd variant's {what}; above 1 means herd is faster:", "",
+            md_table(cells, [("variant", "herd variant")] + [(p["engine"], f"vs {p['engine']}") for p in peers]), ""]
+
+
 def _ratio(a, b):
     return round(a / b, 3) if a and b else None
 
@@ -167,6 +186,7 @@ def write_report(name: str, rows: list[dict], info: dict, args, stamp: str) -> N
         ("tok/s = all output tokens / wall time of generating all requests (prefill included), "
          "median of `repeats` runs; ratios are herd / peer."), "",
         md_table(rows, cols), "",
+        *variants_vs_peers(rows, "ms_per_token" if single else "tokens_per_s", not single),
         "Same prompt token ids in every engine: " + ("yes" if len(shas) == 1 else f"NO ({sorted(shas)})"),
         "", "## Command", "", "```", info["command"], "```", "",
         "## Machine", "", "```", json.dumps(info["machine"], indent=1), "```", "",
