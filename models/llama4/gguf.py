@@ -151,8 +151,12 @@ class GGUFCheckpoint:
             out = _unpermute_rotary(out, heads)
         return out
 
+    def load_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """A slice; quantized blocks are dequantized whole first."""
+        return self.load_tensor(name).narrow(dim, start, stop - start).clone()
+
     # The weight loader's TensorSource protocol, so a GGUF plugs in where safetensors does.
-    names, shape, get = tensor_names, tensor_shape, load_tensor
+    names, shape, get, get_part = tensor_names, tensor_shape, load_tensor, load_part
 
     def origin(self, name: str) -> str:
         return f"{self.path}:{self._get(name).name}"

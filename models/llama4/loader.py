@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -13,7 +13,7 @@ from models.errors import CheckpointError
 from models.llama4.config import ModelConfig
 from models.llama4.model import Llama4Model
 from models.llama4.safetensors_io import SafetensorsSource, write_safetensors
-from models.llama4.weights import export_tensors, load_weights
+from models.llama4.weights import Parts, export_tensors, load_weights
 
 if TYPE_CHECKING:
     from models.llama4.tokenizer import Tokenizer
@@ -62,11 +62,14 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               tokenizer: bool = True, quantization: str | None = None) -> LoadedModel:
+               tokenizer: bool = True, quantization: str | None = None,
+               shard: Callable[[Llama4Model], Parts] | None = None) -> LoadedModel:
     """`quantization="int4"` (CPU): weights are read in float32 (so Q4_1 GGUF codes come back
     exactly), quantized, and the rest cast to `dtype`; peak memory is the float32 model. With
     int4, "auto" means float32 activations: 4-bit weights plus bf16 rounding flipped greedy
-    choices on the default model where either alone did not."""
+    choices on the default model where either alone did not.
+    `shard` (e.g. a tensor-parallel rank's) reshapes the model while it is still on meta and
+    returns which slices of the checkpoint tensors to read into it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory or GGUF file")
@@ -86,10 +89,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     # one tensor being read.
     with torch.device("meta"):
         model = Llama4Model(config)
+    parts = shard(model) if shard is not None else None
+    if parts is not None and quantization:
+        raise ValueError("quantization: int4 does not combine with tensor parallelism yet")
     target = torch.float32 if quantization and dtype == "auto" else resolve_dtype(dtype, config)
     model = model.to(torch.float32 if quantization else target).to_empty(device=device)
     model.inv_freq = Llama4Model.rope_frequencies(config).to(device)  # was built on meta
-    load_weights(model, source)
+    load_weights(model, source, parts)
     if quantization:
         from models.llama4.quantize import quantize_model
 

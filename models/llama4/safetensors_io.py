@@ -70,6 +70,14 @@ class SafetensorsSource:
         except SafetensorError as e:
             raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({e})") from None
 
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Reads only rows [start, stop) of dimension `dim` from the file."""
+        index = (slice(None),) * dim + (slice(start, stop),)
+        try:
+            return self._open(self._where[name]).get_slice(name)[index]
+        except SafetensorError as e:
+            raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({e})") from None
+
     def origin(self, name: str) -> str:
         return str(self._where[name])
 

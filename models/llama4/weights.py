@@ -22,6 +22,7 @@ class TensorSource(Protocol):
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def get(self, name: str) -> torch.Tensor: ...
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor: ...
     def origin(self, name: str) -> str: ...
 
 
@@ -88,24 +89,38 @@ def _check_names(table: list[Entry], source: TensorSource, c: ModelConfig) -> No
         raise CheckpointError(f"checkpoint is missing tensor {missing[0]}{more}")
 
 
-def load_weights(model: nn.Module, source: TensorSource) -> None:
-    """Fills every parameter of `model` from `source`, one checkpoint tensor at a time."""
+# param -> (dim, [(start, stop) in each of its sources, in table order], full size of dim when
+# dim > 0): read only that slice of each checkpoint tensor (a tensor-parallel rank's shard).
+Parts = dict[str, tuple[int, list[tuple[int, int]], int]]
+
+
+def load_weights(model: nn.Module, source: TensorSource, parts: Parts | None = None) -> None:
+    """Fills every parameter of `model` from `source`, one checkpoint tensor at a time; the
+    parameters named in `parts` from the slices it gives."""
     c: ModelConfig = model.config
     table = weight_table(c)
     _check_names(table, source, c)
     params = dict(model.named_parameters())
     for e in table:
         param = params[e.param]
+        dim, ranges, full = (parts or {}).get(e.param, (0, None, 0))
         offset = 0
-        for name, rows in zip(e.sources, e.rows):
-            want = (rows, *param.shape[1:])
+        for i, (name, rows) in enumerate(zip(e.sources, e.rows)):
+            want = [rows, *param.shape[1:]]
+            if dim > 0:
+                want[dim] = full
             got = source.shape(name)
-            if got != want:
+            if got != tuple(want):
                 raise CheckpointError(f"{source.origin(name)}: tensor {name} has shape {list(got)}, "
-                                      f"expected {list(want)}")
+                                      f"expected {want}")
+            if ranges is None:
+                value = source.get(name)
+            else:
+                value = source.get_part(name, dim, *ranges[i])
+            n = value.shape[0]
             with torch.no_grad():
-                param[offset:offset + rows].copy_(source.get(name))
-            offset += rows
+                param[offset:offset + n].copy_(value)
+            offset += n
 
 
 def export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
