@@ -1,4 +1,5 @@
-"""`herd serve`: the OpenAI-compatible HTTP + gRPC gateway on one in-process engine."""
+"""`herd serve`: the OpenAI-compatible HTTP + gRPC gateway on one in-process engine, or on
+Ray replicas (--replicas, --tensor-parallel-size, --ray-address)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to finish in-flight requests after SIGTERM")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas, each a group of Ray actors")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks (Ray actors) per replica")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto': the one `ray start` made here) instead of a local one")
+    p.add_argument("--no-prefix-affinity", dest="prefix_affinity", action="store_false",
+                   help="route by load only (default: requests sharing a prompt prefix go to one replica)")
     add_engine_arguments(p)
+
+
+def make_cluster_client(args: argparse.Namespace, config):
+    """Ray replicas behind one ClusterClient (runs in the gateway's loader thread)."""
+    import ray
+
+    from models.default import default_model_path
+    from models.llama4.loader import load_tokenizer
+    from serving.cluster.client import ClusterClient
+    from serving.cluster.replica import Replica
+    from serving.cluster.router import Router
+
+    if not ray.is_initialized():
+        # A local cluster gets a CPU per rank even past the core count (oversubscribed rather
+        # than waiting forever for a placement group it cannot place).
+        cpus = None if args.ray_address else max(os.cpu_count() or 1, args.replicas * args.tensor_parallel_size)
+        ray.init(address=args.ray_address, num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    replicas = [Replica(config, args.tensor_parallel_size) for _ in range(args.replicas)]
+    tokenizer = load_tokenizer(config.model or default_model_path())
+    return ClusterClient(replicas, tokenizer, Router(args.replicas, affinity=args.prefix_affinity))
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = engine_config(args)  # validates before anything starts
+    for name in ("replicas", "tensor_parallel_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
     cfg = GatewayConfig(host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
                         api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
@@ -72,4 +102,10 @@ def run(args: argparse.Namespace) -> int:
     # so that the drain below finishes and the exit code is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    return asyncio.run(run_gateway(lambda: AsyncEngine(LLMEngine.from_config(config)), cfg, ready))
+    if args.replicas > 1 or args.tensor_parallel_size > 1 or args.ray_address:
+        def make_client():
+            return make_cluster_client(args, config)
+    else:
+        def make_client():
+            return AsyncEngine(LLMEngine.from_config(config))
+    return asyncio.run(run_gateway(make_client, cfg, ready))

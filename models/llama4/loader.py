@@ -61,6 +61,12 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_pretrained(path)
 
 
+def load_tokenizer(path: str | Path) -> "Tokenizer":
+    """The tokenizer alone (e.g. for a gateway whose model runs elsewhere)."""
+    path = Path(path)
+    return _tokenizer().from_gguf(path) if _is_gguf(path) else _tokenizer().from_dir(path)
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
                tokenizer: bool = True, quantization: str | None = None,
                shard: Callable[[Llama4Model], Parts] | None = None) -> LoadedModel:

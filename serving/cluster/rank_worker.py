@@ -4,6 +4,7 @@ requests, the others follow its steps."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
 
@@ -14,12 +15,13 @@ from models.llama4 import load_model
 from serving.cluster.tensor_parallel import shard_model
 from serving.cluster.tp_runner import LeaderRunner, follow
 from serving.engine.config import EngineConfig
+from serving.engine.async_engine import AsyncEngine
 from serving.engine.engine import LLMEngine
 from serving.engine.memory import plan_kv_blocks
 from serving.engine.model_runner import ModelRunner
-from serving.engine.outputs import RequestOutput
+from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import SamplingParams
-from serving.llm import LLM
+from serving.engine.stats import EngineStats
 
 
 class RankWorker:
@@ -58,26 +60,55 @@ class RankWorker:
         return cfg.num_kv_blocks
 
     def start_engine(self) -> None:
-        """Rank 0: builds the engine (its warm-up already runs steps with the followers)."""
-        self.engine = LLMEngine(self.loaded, self.config, runner_factory=LeaderRunner)
+        """Rank 0: builds the engine (its warm-up already runs steps with the followers) and
+        starts its step loop."""
+        self.engine = AsyncEngine(LLMEngine(self.loaded, self.config, runner_factory=LeaderRunner))
 
-    def follow(self) -> int:
+    async def follow(self) -> int:
         """Ranks > 0: run rank 0's steps until it stops; returns how many ran."""
         cfg = self.config
         self.runner = ModelRunner(self.loaded.model, cfg.num_kv_blocks, cfg.block_size,
                                   stop_ids_for=lambda seq: (), compile=cfg.compile)
-        return follow(self.runner)
+        return await asyncio.to_thread(follow, self.runner)
 
-    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
-        """Rank 0: the offline API (LLM.generate) on this replica."""
-        return LLM.from_engine(self.engine).generate(prompts, params, use_tqdm=False)
+    async def generate_stream(self, prompt, params: SamplingParams, request_id: str):
+        """Rank 0: the request's delta outputs (a Ray streaming generator). A bad request's
+        ParamError comes back as the first item, so the caller can raise it as its own."""
+        try:
+            async for out in self.engine.generate(prompt, params, request_id):
+                yield out
+        except ValueError as e:
+            yield e
+
+    async def generate(self, prompts: list, params: SamplingParams) -> list[RequestOutput]:
+        """Rank 0: the whole outputs of several requests, run together (the offline API)."""
+        async def one(i: int, prompt) -> RequestOutput:
+            result = None
+            async for out in self.engine.generate(prompt, params, f"offline-{i}-{id(prompts)}"):
+                if result is None:
+                    result = out
+                else:
+                    result.merge(out)
+            result.delta = False
+            return result
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def models(self) -> list[ModelCard]:
+        return self.engine.models()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def free_blocks(self) -> tuple[int, int]:
-        return self.engine.blocks.num_free_blocks, self.engine.blocks.num_blocks
+        blocks = self.engine.engine.blocks
+        return blocks.num_free_blocks, blocks.num_blocks
 
     def stop(self) -> None:
-        """Rank 0 releases the followers; every rank then leaves the process group."""
+        """Rank 0 stops its loop and releases the followers; every rank then leaves the group."""
         if self.engine is not None:
-            self.engine.runner.release_followers()
+            self.engine.shutdown()
+            self.engine.engine.runner.release_followers()
         dist.destroy_process_group()
-

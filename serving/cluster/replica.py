@@ -23,9 +23,8 @@ class Replica:
         self.pg = placement_group([bundle] * self.size, strategy="PACK")
         ray.get(self.pg.ready())
         actor = ray.remote(RankWorker)
-        # max_concurrency 2: a follower's follow() holds one thread for the replica's lifetime.
         self.workers = [actor.options(
-            num_cpus=cpus_per_rank, num_gpus=1 if gpu else 0, max_concurrency=2,
+            num_cpus=cpus_per_rank, num_gpus=1 if gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
         ).remote(r, self.size, config) for r in range(self.size)]
         host, port = ray.get(self.workers[0].rendezvous_address.remote())

@@ -10,7 +10,10 @@ class ParamError(ValueError):
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
-        self.param = param
+        self.param, self.message = param, message
+
+    def __reduce__(self):  # crosses process boundaries (Ray replicas) intact
+        return ParamError, (self.param, self.message)
 
 
 @dataclass

@@ -1,0 +1,136 @@
+"""Replicas on Ray behind the gateway's engine interface: routing by prefix and load, errors and
+aborts across the process boundary, and `herd serve --replicas 2` with the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+
+from models.llama4.loader import load_tokenizer
+from serving.cluster.client import ClusterClient
+from serving.cluster.replica import Replica
+from serving.cluster.router import Router
+from serving.engine import EngineConfig, SamplingParams
+from serving.engine.sampling_params import ParamError
+from tests.integration.test_serve_lifecycle import _free_port
+
+
+def test_router_keeps_a_prefix_on_one_replica_and_spreads_the_rest():
+    r = Router(3, prefix_tokens=4, max_imbalance=3, seed=1)
+    shared = [r.pick([7, 7, 7, 7, i]) for i in range(5)]
+    assert len(set(shared)) == 1
+    for i in range(30):  # distinct prompts, each still in flight: load spreads them
+        r.started(r.pick([i, i + 1, i + 2, i + 3]))
+    assert max(r.in_flight) - min(r.in_flight) <= 3
+    owner = shared[0]
+    r.in_flight[owner] += 10  # overloaded: the prefix moves
+    assert r.pick([7, 7, 7, 7, 9]) != owner
+    r.healthy = [i == 2 for i in range(3)]
+    assert r.pick([1, 2, 3, 4]) == 2
+    assert r.pick([5]) == 2  # shorter than the prefix: load only
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama4_dir):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cfg = EngineConfig(model=str(tiny_llama4_dir), dtype="float32", block_size=4, num_kv_blocks=64,
+                       max_model_len=128)
+    client = ClusterClient([Replica(cfg), Replica(cfg)], load_tokenizer(tiny_llama4_dir),
+                           Router(2, prefix_tokens=32))
+    yield client
+    client.shutdown()
+    ray.shutdown()
+
+
+async def _run(client, prompt_ids, rid, max_tokens=4):
+    last = None
+    async for out in client.generate({"prompt_token_ids": prompt_ids}, SamplingParams(
+            temperature=0, max_tokens=max_tokens, ignore_eos=True), rid):
+        last = out
+    return last
+
+
+def test_shared_prefix_goes_to_one_replica_distinct_prompts_to_both(cluster):
+    before = [s.prompt_tokens for s in cluster.replica_stats()]
+    system = [(i * 7) % 250 for i in range(40)]
+
+    async def go():
+        await asyncio.gather(*(_run(cluster, system + [100 + i, 5], f"p{i}") for i in range(6)))
+    asyncio.run(go())
+    after = [s.prompt_tokens for s in cluster.replica_stats()]
+    grew = [a - b for a, b in zip(after, before)]
+    assert sorted(grew) == [0, 6 * 42]  # all six on one replica ...
+    hits = [s.prefix_hit_tokens for s in cluster.replica_stats()]
+    assert max(hits) >= 5 * 40 - 8  # ... where the later five found the system prompt cached
+
+    async def spread():
+        await asyncio.gather(*(_run(cluster, [i, (i * 13) % 250, 3, 4, 5], f"d{i}") for i in range(12)))
+    before = after
+    asyncio.run(spread())
+    grew = [a - b for a, b in zip((s.prompt_tokens for s in cluster.replica_stats()), before)]
+    assert all(g > 0 for g in grew)
+    assert cluster.stats().prompt_tokens == sum(s.prompt_tokens for s in cluster.replica_stats())
+
+
+def test_bad_request_raises_param_error_and_early_close_frees_blocks(cluster):
+    with pytest.raises(ParamError) as e:
+        asyncio.run(_run(cluster, list(range(120)), "too-long", max_tokens=50))
+    assert e.value.param == "max_tokens"  # 120 + 50 tokens do not fit in max_model_len 128
+
+    async def leave_early():
+        stream = cluster.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(
+            max_tokens=100, ignore_eos=True), "early")
+        await stream.__anext__()
+        await stream.aclose()
+    asyncio.run(leave_early())
+    deadline = time.monotonic() + 5
+    while True:
+        free = [ray.get(r.leader.free_blocks.remote()) for r in cluster.replicas]
+        if all(f == n for f, n in free):
+            break
+        assert time.monotonic() < deadline, free
+        time.sleep(0.05)
+    assert cluster.num_in_flight() == 0
+
+
+def test_herd_serve_two_replicas_with_the_openai_client(tiny_llama4_dir):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", str(tiny_llama4_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "-1",
+                             "--replicas", "2", "--dtype", "float32", "--max-model-len", "128"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+        r = client.completions.create(model=model, prompt="abc", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        chunks = list(client.completions.create(model=model, prompt="xyz", max_tokens=4, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        assert [c.choices[0].finish_reason for c in chunks][-1] == "length" and len(chunks) == 4
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=model, prompt="a" * 10, max_tokens=500)
+        counted = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                   if line.startswith("herd:prompt_tokens_total")]
+        assert float(counted[0].split()[-1]) >= 6  # both requests' prompts, summed over replicas
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
