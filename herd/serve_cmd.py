@@ -50,7 +50,8 @@ def make_cluster_client(args: argparse.Namespace, config):
         ray.init(address=args.ray_address, num_cpus=cpus, include_dashboard=False, configure_logging=False)
     replicas = [Replica(config, args.tensor_parallel_size) for _ in range(args.replicas)]
     tokenizer = load_tokenizer(config.model or default_model_path())
-    return ClusterClient(replicas, tokenizer, Router(args.replicas, affinity=args.prefix_affinity))
+    return ClusterClient(replicas, tokenizer, Router(args.replicas, affinity=args.prefix_affinity),
+                         make_replica=lambda: Replica(config, args.tensor_parallel_size))
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from serving.api.engine_client import EngineClient
 from serving.api.grpc_convert import ResponseBuilder, sampling_params
 from serving.api.openai_responses import TokenNames
 from serving.engine.outputs import RequestOutput
+from serving.engine.async_engine import EngineDeadError
 from serving.engine.sampling_params import ParamError
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Herd"].full_name
@@ -93,6 +94,8 @@ class HerdService(pb_grpc.HerdServicer):
         except ParamError as e:
             field = prompt_field if e.param == "prompt" else f"params.{e.param}"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {str(e).split(': ', 1)[-1]}")
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             await stream.aclose()
         if merged is not None:

@@ -21,6 +21,7 @@ from serving.api.http_errors import ApiError, BodyLimitAndAuth, error_body
 from serving.api.openai_responses import TokenNames, chat_logprobs, completion_logprobs, usage
 from serving.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from serving.api.streams import fan_in
+from serving.engine.async_engine import EngineDeadError
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
 
@@ -174,6 +175,8 @@ async def _collect(request: Request, streams, param_alias=None) -> list[RequestO
         task.result()
     except ParamError as e:
         raise _param_error(e, param_alias) from None
+    except EngineDeadError as e:
+        raise ApiError(503, str(e), "service_unavailable") from None
     return results
 
 
@@ -186,6 +189,8 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], param_alias=None) -> Strea
         first = None
     except ParamError as e:
         raise _param_error(e, param_alias) from None
+    except EngineDeadError as e:
+        raise ApiError(503, str(e), "service_unavailable") from None
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -195,6 +200,8 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], param_alias=None) -> Strea
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except ParamError as e:
             yield f"data: {json.dumps(error_body(str(e), 'invalid_request_error', e.param))}\n\n"
+        except EngineDeadError as e:  # e.g. its replica died mid-stream
+            yield f"data: {json.dumps(error_body(str(e), 'service_unavailable'))}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
             yield f"data: {json.dumps(error_body(str(e), 'internal_error'))}\n\n"
         yield "data: [DONE]\n\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 
 import torch
@@ -95,6 +96,9 @@ class RankWorker:
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def models(self) -> list[ModelCard]:
         return self.engine.models()

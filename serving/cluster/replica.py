@@ -39,6 +39,15 @@ class Replica:
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
         return ray.get(self.leader.generate.remote(prompts, params))
 
+    def pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.workers])
+
+    def kill(self) -> None:
+        """Ends every rank at once (after one died: the survivors would wait on it forever)."""
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.pg)
+
     def shutdown(self) -> list[int]:
         """Stops every rank; returns the number of steps each follower ran."""
         ray.get(self.leader.stop.remote())

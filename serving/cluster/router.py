@@ -20,15 +20,15 @@ class Router:
         self._max_prefixes = max_prefixes
         self._rng = random.Random(seed)
 
-    def pick(self, prompt_ids: list[int]) -> int:
-        live = [i for i, ok in enumerate(self.healthy) if ok]
+    def pick(self, prompt_ids: list[int], exclude: set[int] = frozenset()) -> int:
+        live = [i for i, ok in enumerate(self.healthy) if ok and i not in exclude]
         if not live:
             raise RuntimeError("no healthy replica")
         key = hash(tuple(prompt_ids[:self.prefix_tokens])) if len(prompt_ids) >= self.prefix_tokens else None
         least = min(self.in_flight[i] for i in live)
         if self.affinity and key is not None:
             owner = self._owner.get(key)
-            if owner is not None and self.healthy[owner] and self.in_flight[owner] - least < self.max_imbalance:
+            if owner in live and self.in_flight[owner] - least < self.max_imbalance:
                 self._owner.move_to_end(key)
                 return owner
         a, b = self._rng.sample(live, 2) if len(live) > 1 else (live[0], live[0])

@@ -4,6 +4,8 @@ aborts across the process boundary, and `herd serve --replicas 2` with the opena
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from serving.cluster.client import ClusterClient
 from serving.cluster.replica import Replica
 from serving.cluster.router import Router
 from serving.engine import EngineConfig, SamplingParams
+from serving.engine.async_engine import EngineDeadError
 from serving.engine.sampling_params import ParamError
 from tests.integration.test_serve_lifecycle import _free_port
 
@@ -43,26 +46,30 @@ def cluster(tiny_llama4_dir):
     cfg = EngineConfig(model=str(tiny_llama4_dir), dtype="float32", block_size=4, num_kv_blocks=64,
                        max_model_len=128)
     client = ClusterClient([Replica(cfg), Replica(cfg)], load_tokenizer(tiny_llama4_dir),
-                           Router(2, prefix_tokens=32))
+                           Router(2, prefix_tokens=32), make_replica=lambda: Replica(cfg))
     yield client
     client.shutdown()
     ray.shutdown()
 
 
 async def _run(client, prompt_ids, rid, max_tokens=4):
-    last = None
+    merged = None
     async for out in client.generate({"prompt_token_ids": prompt_ids}, SamplingParams(
             temperature=0, max_tokens=max_tokens, ignore_eos=True), rid):
-        last = out
-    return last
+        if merged is None:
+            merged = out
+        else:
+            merged.merge(out)
+    return merged
 
 
 def test_shared_prefix_goes_to_one_replica_distinct_prompts_to_both(cluster):
     before = [s.prompt_tokens for s in cluster.replica_stats()]
     system = [(i * 7) % 250 for i in range(40)]
 
-    async def go():
-        await asyncio.gather(*(_run(cluster, system + [100 + i, 5], f"p{i}") for i in range(6)))
+    async def go():  # the first alone, so that the system prompt is cached when the rest come
+        await _run(cluster, system + [100, 5], "p0")
+        await asyncio.gather(*(_run(cluster, system + [100 + i, 5], f"p{i}") for i in range(1, 6)))
     asyncio.run(go())
     after = [s.prompt_tokens for s in cluster.replica_stats()]
     grew = [a - b for a, b in zip(after, before)]
@@ -98,6 +105,36 @@ def test_bad_request_raises_param_error_and_early_close_frees_blocks(cluster):
         assert time.monotonic() < deadline, free
         time.sleep(0.05)
     assert cluster.num_in_flight() == 0
+
+
+def test_a_killed_replica_is_routed_around_and_comes_back(cluster):
+    victim = 0
+    pid = cluster.replicas[victim].pids()[0]
+
+    async def one(i):
+        return await _run(cluster, [i + 1, 2, 3, 4, 5], f"k{i}", max_tokens=100)
+
+    async def load():
+        tasks = [asyncio.create_task(one(i)) for i in range(8)]
+        await asyncio.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
+    results = asyncio.run(load())
+    done = [r for r in results if not isinstance(r, BaseException)]
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(e, EngineDeadError) and "died" in str(e) for e in failed), failed
+    assert done and all(len(r.outputs[0].token_ids) == 100 for r in done)
+    assert not cluster.router.healthy[victim] or cluster.restarts[victim] == 1
+    deadline = time.monotonic() + 180
+    while not cluster.router.healthy[victim]:
+        assert time.monotonic() < deadline, "the replica did not come back"
+        time.sleep(0.2)
+    assert cluster.restarts[victim] == 1 and cluster.replicas[victim].pids()[0] != pid
+
+    async def spread():
+        await asyncio.gather(*(_run(cluster, [i, 9, 8, 7], f"after{i}") for i in range(8)))
+    asyncio.run(spread())
+    assert cluster.replica_stats()[victim].prompt_tokens > 0  # traffic returned to it
 
 
 def test_herd_serve_two_replicas_with_the_openai_client(tiny_llama4_dir):
