@@ -12,7 +12,7 @@ from models.llama4.tokenizer import Tokenizer
 from serving.engine.engine import PromptInput
 from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.stats import EngineStats
+from serving.engine.stats import EngineStats, ReplicaState
 
 
 class EngineClient(Protocol):
@@ -28,6 +28,8 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    def replica_states(self) -> list[ReplicaState]: ...
 
     def num_in_flight(self) -> int: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from serving.engine.stats import EngineStats, Histogram
+from serving.engine.stats import EngineStats, Histogram, ReplicaState
 
 
 class GatewayCounters:
@@ -26,7 +26,22 @@ def _histogram(name: str, help_text: str, h: Histogram, model: str) -> list[str]
     return lines
 
 
-def render(stats: EngineStats | None, model: str, gateway: GatewayCounters, ready: bool) -> str:
+def _replica_lines(replicas: list[ReplicaState], model: str) -> list[str]:
+    series = [("replica_up", "gauge", "1 while the replica is in rotation", lambda r: int(r.healthy)),
+              ("replica_restarts_total", "counter", "Times the replica was rebuilt after dying", lambda r: r.restarts),
+              ("replica_num_requests_running", "gauge", "Requests running on the replica",
+               lambda r: r.stats.num_running if r.stats else 0),
+              ("replica_kv_cache_usage_perc", "gauge", "The replica's KV-cache blocks in use",
+               lambda r: r.stats.kv_usage if r.stats else 0)]
+    lines = []
+    for name, kind, help_text, value in series:
+        lines += [f"# HELP herd:{name} {help_text}", f"# TYPE herd:{name} {kind}"]
+        lines += [f'herd:{name}{{model_name="{model}",replica="{r.index}"}} {value(r)}' for r in replicas]
+    return lines
+
+
+def render(stats: EngineStats | None, model: str, gateway: GatewayCounters, ready: bool,
+           replicas: list[ReplicaState] = ()) -> str:
     label = f'{{model_name="{model}"}}'
     lines = ["# HELP herd:ready 1 when the model is loaded and the server accepts requests",
              "# TYPE herd:ready gauge", f"herd:ready{label} {int(ready)}"]
@@ -54,6 +69,7 @@ def render(stats: EngineStats | None, model: str, gateway: GatewayCounters, read
         lines += _histogram("herd:time_to_first_token_seconds", "Time to first token", stats.ttft, model)
         lines += _histogram("herd:inter_token_latency_seconds", "Time between output tokens", stats.itl, model)
         lines += _histogram("herd:e2e_request_latency_seconds", "Arrival to finish", stats.e2e, model)
+    lines += _replica_lines(list(replicas), model)
     lines += ["# HELP herd:http_responses_total HTTP responses by route and status",
               "# TYPE herd:http_responses_total counter"]
     for (route, status), n in sorted(gateway.responses.items()):

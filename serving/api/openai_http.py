@@ -74,14 +74,19 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
         if not admission.ready:
             status = "draining" if admission.draining else "loading"
             return JSONResponse(error_body(f"not ready: {status}", "service_unavailable"), 503)
-        return {"status": "ok"}
+        replicas = [{"replica": r.index, "healthy": r.healthy, "restarts": r.restarts}
+                    for r in await asyncio.to_thread(admission.client.replica_states)]
+        if not any(r["healthy"] for r in replicas):
+            return JSONResponse(error_body("no replica is serving", "service_unavailable"), 503)
+        return {"status": "ok", "replicas": replicas}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def get_metrics():
         client = admission.client
-        stats = client.stats() if client else None
+        replicas = await asyncio.to_thread(client.replica_states) if client else []
+        stats = await asyncio.to_thread(client.stats) if client else None
         model = client.models()[0].id if client else ""
-        return PlainTextResponse(metrics.render(stats, model, counters, admission.ready),
+        return PlainTextResponse(metrics.render(stats, model, counters, admission.ready, replicas),
                                  media_type="text/plain; version=0.0.4")
 
     def model_card(m) -> dict[str, Any]:

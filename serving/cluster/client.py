@@ -19,7 +19,7 @@ from serving.engine.async_engine import EngineDeadError
 from serving.engine.engine import PromptInput
 from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.stats import EngineStats, Histogram
+from serving.engine.stats import EngineStats, Histogram, ReplicaState
 
 log = logging.getLogger("herd.cluster")
 
@@ -146,6 +146,9 @@ class ClusterClient:
         got = ray.get([r.leader.stats.remote() for r, ok in zip(self.replicas, healthy) if ok])
         it = iter(got)
         return [next(it) if ok else None for ok in healthy]
+
+    def replica_states(self) -> list[ReplicaState]:
+        return [ReplicaState(i, s is not None, self.restarts[i], s) for i, s in enumerate(self.replica_stats())]
 
     def stats(self) -> EngineStats:
         return merge_stats([s for s in self.replica_stats() if s is not None])

@@ -17,7 +17,7 @@ from typing import Any
 from serving.engine.engine import LLMEngine, PromptInput
 from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
-from serving.engine.stats import EngineStats
+from serving.engine.stats import EngineStats, ReplicaState
 
 
 class EngineDeadError(RuntimeError):
@@ -76,6 +76,9 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.get_stats()
+
+    def replica_states(self) -> list[ReplicaState]:
+        return [ReplicaState(0, self.error is None, 0, self.stats())]
 
     def num_in_flight(self) -> int:
         return len(self._streams)

@@ -54,3 +54,12 @@ class EngineStats:
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+
+@dataclass
+class ReplicaState:
+    """One replica as /health and /metrics show it (an in-process engine is replica 0)."""
+    index: int
+    healthy: bool
+    restarts: int = 0
+    stats: EngineStats | None = None  # None while it is out of rotation

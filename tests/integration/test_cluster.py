@@ -165,9 +165,12 @@ def test_herd_serve_two_replicas_with_the_openai_client(tiny_llama4_dir):
         assert [c.choices[0].finish_reason for c in chunks][-1] == "length" and len(chunks) == 4
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=model, prompt="a" * 10, max_tokens=500)
-        counted = [line for line in httpx.get(url + "/metrics").text.splitlines()
-                   if line.startswith("herd:prompt_tokens_total")]
+        text = httpx.get(url + "/metrics").text
+        counted = [line for line in text.splitlines() if line.startswith("herd:prompt_tokens_total")]
         assert float(counted[0].split()[-1]) >= 6  # both requests' prompts, summed over replicas
+        assert f'herd:replica_up{{model_name="{model}",replica="1"}} 1' in text
+        health = httpx.get(url + "/health").json()
+        assert health["replicas"] == [{"replica": i, "healthy": True, "restarts": 0} for i in range(2)]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
