@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks (Ray actors) per replica")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto': the one `ray start` made here) instead of a local one")
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscale down to this many (default: --replicas)")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many (default: --replicas)")
+    p.add_argument("--scale-target", type=float, default=16.0,
+                   help="requests in flight per replica above which a replica is added")
     p.add_argument("--no-prefix-affinity", dest="prefix_affinity", action="store_false",
                    help="route by load only (default: requests sharing a prompt prefix go to one replica)")
     add_engine_arguments(p)
@@ -39,6 +43,7 @@ def make_cluster_client(args: argparse.Namespace, config):
 
     from models.default import default_model_path
     from models.llama4.loader import load_tokenizer
+    from serving.cluster.autoscaler import Autoscaler
     from serving.cluster.client import ClusterClient
     from serving.cluster.replica import Replica
     from serving.cluster.router import Router
@@ -46,12 +51,27 @@ def make_cluster_client(args: argparse.Namespace, config):
     if not ray.is_initialized():
         # A local cluster gets a CPU per rank even past the core count (oversubscribed rather
         # than waiting forever for a placement group it cannot place).
-        cpus = None if args.ray_address else max(os.cpu_count() or 1, args.replicas * args.tensor_parallel_size)
+        ranks = scale_policy(args).max_replicas * args.tensor_parallel_size
+        cpus = None if args.ray_address else max(os.cpu_count() or 1, ranks)
         ray.init(address=args.ray_address, num_cpus=cpus, include_dashboard=False, configure_logging=False)
     replicas = [Replica(config, args.tensor_parallel_size) for _ in range(args.replicas)]
     tokenizer = load_tokenizer(config.model or default_model_path())
-    return ClusterClient(replicas, tokenizer, Router(args.replicas, affinity=args.prefix_affinity),
-                         make_replica=lambda: Replica(config, args.tensor_parallel_size))
+    client = ClusterClient(replicas, tokenizer, Router(args.replicas, affinity=args.prefix_affinity),
+                           make_replica=lambda: Replica(config, args.tensor_parallel_size))
+    policy = scale_policy(args)
+    if policy.max_replicas > policy.min_replicas:
+        client.autoscaler = Autoscaler(client, policy)
+    return client
+
+
+def scale_policy(args: argparse.Namespace):
+    from serving.cluster.autoscaler import ScalePolicy
+
+    lo = args.replicas if args.min_replicas is None else args.min_replicas
+    hi = max(args.replicas, lo) if args.max_replicas is None else args.max_replicas
+    if not lo <= args.replicas <= hi:
+        raise ValueError(f"replicas: {args.replicas} is outside --min-replicas {lo} .. --max-replicas {hi}")
+    return ScalePolicy(lo, hi, target_in_flight=args.scale_target)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("replicas", "tensor_parallel_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
+    policy = scale_policy(args)  # validates --min/--max-replicas before anything starts
     cfg = GatewayConfig(host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
                         api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
@@ -103,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     # so that the drain below finishes and the exit code is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    if args.replicas > 1 or args.tensor_parallel_size > 1 or args.ray_address:
+    if policy.max_replicas > 1 or args.tensor_parallel_size > 1 or args.ray_address:
         def make_client():
             return make_cluster_client(args, config)
     else:

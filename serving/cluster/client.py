@@ -33,10 +33,12 @@ class ClusterClient:
         self.router = router or Router(len(replicas))
         self.make_replica = make_replica
         self.restarts = [0] * len(replicas)
+        self.retired = [False] * len(replicas)  # removed by scale-down; their slots stay empty
         self._cards = ray.get(replicas[0].leader.models.remote())
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.autoscaler = None  # set by whoever starts one; stopped by shutdown()
 
     def models(self) -> list[ModelCard]:
         return self._cards
@@ -104,7 +106,7 @@ class ClusterClient:
     def _replica_died(self, i: int, error: BaseException) -> None:
         """Out of rotation at once; rebuilt in the background when there is a way to."""
         with self._lock:
-            if not self.router.healthy[i]:
+            if not self.router.healthy[i] or self.retired[i]:
                 return
             self.router.healthy[i] = False
         log.warning("replica %d died (%s); out of rotation", i, type(error).__name__)
@@ -144,11 +146,40 @@ class ClusterClient:
         """Each replica's stats; None for one out of rotation."""
         healthy = list(self.router.healthy)
         got = ray.get([r.leader.stats.remote() for r, ok in zip(self.replicas, healthy) if ok])
+        # (a retired replica reads as out of rotation)
         it = iter(got)
         return [next(it) if ok else None for ok in healthy]
 
     def replica_states(self) -> list[ReplicaState]:
-        return [ReplicaState(i, s is not None, self.restarts[i], s) for i, s in enumerate(self.replica_stats())]
+        return [ReplicaState(i, s is not None, self.restarts[i], s) for i, s in enumerate(self.replica_stats())
+                if not self.retired[i]]
+
+    def live_replicas(self) -> list[int]:
+        return [i for i, ok in enumerate(self.router.healthy) if ok and not self.retired[i]]
+
+    def add_replica(self) -> int:
+        """Builds one more replica (blocking: it loads) and puts it in rotation."""
+        replica = self.make_replica()
+        with self._lock:
+            self.replicas.append(replica)
+            self.restarts.append(0)
+            self.retired.append(False)
+            self.router.add_replica()
+            return len(self.replicas) - 1
+
+    def remove_replica(self, i: int, drain_timeout: float = 60.0) -> None:
+        """Drains replica i (no new requests; those in flight finish, up to drain_timeout),
+        then stops it."""
+        with self._lock:
+            self.retired[i] = True
+            self.router.healthy[i] = False
+        deadline = time.monotonic() + drain_timeout
+        while self.router.in_flight[i] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            self.replicas[i].shutdown()
+        except RayActorError:
+            self.replicas[i].kill()
 
     def stats(self) -> EngineStats:
         return merge_stats([s for s in self.replica_stats() if s is not None])
@@ -158,7 +189,11 @@ class ClusterClient:
 
     def shutdown(self) -> None:
         self._closed = True
-        for r, ok in zip(self.replicas, self.router.healthy):
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+        for r, ok, gone in zip(self.replicas, self.router.healthy, self.retired):
+            if gone:
+                continue
             try:
                 r.shutdown() if ok else r.kill()
             except RayActorError:

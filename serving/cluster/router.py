@@ -40,6 +40,10 @@ class Router:
                 self._owner.popitem(last=False)
         return choice
 
+    def add_replica(self) -> None:
+        self.in_flight.append(0)
+        self.healthy.append(True)
+
     def started(self, replica: int) -> None:
         self.in_flight[replica] += 1
 
