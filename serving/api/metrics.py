@@ -32,7 +32,9 @@ def _replica_lines(replicas: list[ReplicaState], model: str) -> list[str]:
               ("replica_num_requests_running", "gauge", "Requests running on the replica",
                lambda r: r.stats.num_running if r.stats else 0),
               ("replica_kv_cache_usage_perc", "gauge", "The replica's KV-cache blocks in use",
-               lambda r: r.stats.kv_usage if r.stats else 0)]
+               lambda r: r.stats.kv_usage if r.stats else 0),
+              ("replica_prompt_tokens_total", "counter", "Prompt tokens the replica received since it started",
+               lambda r: r.stats.prompt_tokens if r.stats else 0)]
     lines = []
     for name, kind, help_text, value in series:
         lines += [f"# HELP herd:{name} {help_text}", f"# TYPE herd:{name} {kind}"]

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -137,6 +138,86 @@ def test_a_killed_replica_is_routed_around_and_comes_back(cluster):
     assert cluster.replica_stats()[victim].prompt_tokens > 0  # traffic returned to it
 
 
+def _descendants(root: int) -> list[int]:
+    """Processes below `root` (the server's Ray cluster lives under it), from /proc."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _rank_workers(root: int) -> list[int]:
+    out = []
+    for pid in _descendants(root):
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::RankWorker"):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _kill_a_replica_under_openai_load(client, model, url, server_pid):
+    """SIGKILL one replica's actor while the openai client keeps requests in flight: each one
+    completes or gets a clear 503, none hangs; the replica comes back and takes traffic."""
+    workers = _rank_workers(server_pid)
+    assert len(workers) == 2, workers
+    outcomes = []
+
+    def one(i):
+        try:
+            r = client.with_options(timeout=60).completions.create(
+                model=model, prompt=f"load {i}", max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+            outcomes.append(r.usage.completion_tokens)
+        except openai.APIStatusError as e:
+            outcomes.append(e.status_code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.kill(workers[0], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert len(outcomes) == 8 and set(outcomes) <= {60, 503}, outcomes
+    deadline = time.monotonic() + 180
+    while True:
+        health = httpx.get(url + "/health").json()
+        if [r["healthy"] for r in health["replicas"]] == [True, True]:
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+    assert sum(r["restarts"] for r in health["replicas"]) == 1
+    back = next(r["replica"] for r in health["replicas"] if r["restarts"])
+
+    def rebuilt_prompt_tokens() -> float:
+        line = f'herd:replica_prompt_tokens_total{{model_name="{model}",replica="{back}"}} '
+        return float(next(x for x in httpx.get(url + "/metrics").text.splitlines()
+                          if x.startswith(line)).split()[-1])
+    assert rebuilt_prompt_tokens() == 0
+    for i in range(12):  # traffic returns to the rebuilt replica (load spreads over both)
+        threads = [threading.Thread(target=client.completions.create,
+                                    kwargs=dict(model=model, prompt=f"after {i} {j}", max_tokens=8))
+                   for j in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert rebuilt_prompt_tokens() > 0
+
+
 def test_herd_serve_two_replicas_with_the_openai_client(tiny_llama4_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", str(tiny_llama4_dir),
@@ -171,6 +252,7 @@ def test_herd_serve_two_replicas_with_the_openai_client(tiny_llama4_dir):
         assert f'herd:replica_up{{model_name="{model}",replica="1"}} 1' in text
         health = httpx.get(url + "/health").json()
         assert health["replicas"] == [{"replica": i, "healthy": True, "restarts": 0} for i in range(2)]
+        _kill_a_replica_under_openai_load(client, model, url, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
