@@ -24,7 +24,7 @@ from pathlib import Path
 
 from report import bar_chart, machine_info, md_table
 from serve import add_load_arguments, run_load
-from servers import ROOT, Server, _common, available
+from servers import HERD_SERVERS, ROOT, Server, _common, available
 
 HERE = Path(__file__).resolve().parent
 METRICS = [("request_throughput", None, "req/s"), ("output_throughput", None, "output tok/s")] + [
@@ -52,7 +52,7 @@ def metric(summary: dict, key: str, pct: str | None):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--servers", nargs="+", default=["herd", "vllm"], choices=["herd", "vllm"])
+    ap.add_argument("--servers", nargs="+", default=["herd", "vllm"], choices=[*HERD_SERVERS, "vllm"])
     ap.add_argument("--loads", nargs="+", default=["rate=inf", "rate=2", "concurrency=1,n=16"])
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--max-model-len", type=int, default=1024)
@@ -104,15 +104,18 @@ def write_report(args, loads: dict, runs: dict, info: dict, stamp: str) -> None:
               "default (SmolLM2-135M-Instruct; herd reads the GGUF, vLLM its bf16 HF export). "
               "Loads: rate = Poisson arrivals in requests/s (inf: all at once), concurrency = cap in flight. "
               "Ratios are herd / vLLM (throughput: higher is better for herd; latency: lower is)."), ""]
-    cols = [("metric", "metric")] + [(n, n) for n in names] + ([("ratio", "herd/vllm")] if len(names) == 2 else [])
+    herds = [n for n in names if n in HERD_SERVERS] if "vllm" in names else []
+    cols = [("metric", "metric")] + [(n, n) for n in names] + [(f"ratio:{n}", f"{n}/vllm") for n in herds]
     for spec in loads:
         rows = []
         for key, pct, label in METRICS:
             row = {"metric": label}
             for n in names:
                 row[n] = metric(runs[n]["loads"][spec], key, pct)
-            a, b = row.get("herd"), row.get("vllm")
-            row["ratio"] = round(a / b, 3) if a and b and key != "errors" else None
+            b = row.get("vllm")
+            for n in herds:
+                a = row.get(n)
+                row[f"ratio:{n}"] = round(a / b, 3) if a and b and key != "errors" else None
             rows.append(row)
         busy = ", ".join(f"{n} {runs[n]['loads'][spec]['other_cores_busy']}" for n in names)
         lines += [f"## Load {spec}", "", md_table(rows, cols), "", f"other_cores_busy during the load: {busy}", ""]

@@ -23,12 +23,15 @@ import _common
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
 
 
+HERD_SERVERS = {"herd": [], "herd-2r": ["--replicas", "2"]}  # herd-2r: two Ray replicas behind the gateway
+
+
 def server_command(name: str, port: int, max_model_len: int) -> tuple[list[str], dict[str, str]]:
     """(argv, extra env) for a server on 127.0.0.1:port serving herd's default model."""
-    if name == "herd":
+    if name in HERD_SERVERS:
         return ([str(ROOT / ".venv/bin/herd"), "serve", "--host", "127.0.0.1", "--port", str(port),
                  "--grpc-port", "-1", "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
-                 "--memory-utilization", "0.3"], {})
+                 "--memory-utilization", "0.3", *HERD_SERVERS[name]], {})
     if name == "vllm":
         # As in peers/vllm_offline.py: 1 GiB KV cache, and no AOT compile (it fails to reload).
         return ([str(HERE / ".venv-vllm/bin/python"), "-m", "vllm.entrypoints.openai.api_server",
@@ -36,13 +39,13 @@ def server_command(name: str, port: int, max_model_len: int) -> tuple[list[str],
                  "--port", str(port), "--max-model-len", str(max_model_len), "--seed", "0",
                  "--uvicorn-log-level", "warning"],
                 {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_AOT_COMPILE": "0"})
-    raise ValueError(f"unknown server {name!r} (herd, vllm)")
+    raise ValueError(f"unknown server {name!r} ({', '.join(HERD_SERVERS)}, vllm)")
 
 
 def available(name: str) -> bool:
     if name == "vllm":
         return (HERE / ".venv-vllm/bin/python").exists() and (HF_EXPORT / "model.safetensors").exists()
-    return (ROOT / ".venv/bin/herd").exists()
+    return name in HERD_SERVERS and (ROOT / ".venv/bin/herd").exists()
 
 
 class Server:
