@@ -80,13 +80,7 @@ class ClusterClient:
         finished = False
         try:
             async for ref in stream:
-                try:
-                    item = await ref
-                except RayActorError as e:
-                    self._replica_died(i, e)
-                    finished = True
-                    yield _Died()
-                    return
+                item = await ref
                 if isinstance(item, BaseException):
                     raise item
                 yield item
