@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import (GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField,
-                  ReaderTensor)
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 
 from models.errors import CheckpointError
 

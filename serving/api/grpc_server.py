@@ -18,8 +18,8 @@ from serving.api.admission import Admission, Overloaded, Unavailable
 from serving.api.engine_client import EngineClient
 from serving.api.grpc_convert import ResponseBuilder, sampling_params
 from serving.api.openai_responses import TokenNames
-from serving.engine.outputs import RequestOutput
 from serving.engine.async_engine import EngineDeadError
+from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import ParamError
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Herd"].full_name

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from models.llama4 import load_model
 from serving.cluster.tensor_parallel import shard_model
 from serving.cluster.tp_runner import LeaderRunner, follow
-from serving.engine.config import EngineConfig
 from serving.engine.async_engine import AsyncEngine
+from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.memory import plan_kv_blocks
 from serving.engine.model_runner import ModelRunner

@@ -64,7 +64,6 @@ def profile_step_bytes(model: Llama4Model, num_tokens: int) -> int:
 def plan_kv_blocks(model: Llama4Model, config: EngineConfig, max_model_len: int) -> int:
     """Blocks that fit in memory_utilization of the device after weights and one profiled step,
     capped at what max_num_seqs full-length sequences could use."""
-    c = model.config
     dtype = next(model.parameters()).dtype
     block_bytes = kv_block_bytes(model, config.block_size, dtype)
     blocks_per_seq = -(-max_model_len // config.block_size)
