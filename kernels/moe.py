@@ -31,9 +31,6 @@ def moe_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_d
 @torch.library.custom_op("herd::moe_experts", mutates_args=())
 def _moe_experts_op(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                     w_gate_up_EDF: torch.Tensor, w_down_EID: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        # Its per-expert token counts are data: an opaque op keeps a compiled graph whole.
-        return _moe_experts_op(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_down_EID)
     return moe_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_down_EID)
 
 
