@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
 
 
-def make_cluster_client(args: argparse.Namespace, config):
+def make_cluster_client(args: argparse.Namespace, config, policy):
     """Ray replicas behind one ClusterClient (runs in the gateway's loader thread)."""
     import ray
 
@@ -51,14 +51,13 @@ def make_cluster_client(args: argparse.Namespace, config):
     if not ray.is_initialized():
         # A local cluster gets a CPU per rank even past the core count (oversubscribed rather
         # than waiting forever for a placement group it cannot place).
-        ranks = scale_policy(args).max_replicas * args.tensor_parallel_size
+        ranks = policy.max_replicas * args.tensor_parallel_size
         cpus = None if args.ray_address else max(os.cpu_count() or 1, ranks)
         ray.init(address=args.ray_address, num_cpus=cpus, include_dashboard=False, configure_logging=False)
     replicas = [Replica(config, args.tensor_parallel_size) for _ in range(args.replicas)]
     tokenizer = load_tokenizer(config.model or default_model_path())
     client = ClusterClient(replicas, tokenizer, Router(args.replicas, affinity=args.prefix_affinity),
                            make_replica=lambda: Replica(config, args.tensor_parallel_size))
-    policy = scale_policy(args)
     if policy.max_replicas > policy.min_replicas:
         client.autoscaler = Autoscaler(client, policy)
     return client
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     if policy.max_replicas > 1 or args.tensor_parallel_size > 1 or args.ray_address:
         def make_client():
-            return make_cluster_client(args, config)
+            return make_cluster_client(args, config, policy)
     else:
         def make_client():
             return AsyncEngine(LLMEngine.from_config(config))

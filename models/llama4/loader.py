@@ -85,11 +85,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         ckpt = open_gguf(path)
         config = ModelConfig.from_hf_dict(ckpt.config, source=str(path))
         source = ckpt
-        tok = _tokenizer().from_gguf(path) if tokenizer else None
+        tok = load_tokenizer(path) if tokenizer else None
     elif path.is_dir():
         config = ModelConfig.from_pretrained(path)
         source = SafetensorsSource(path)
-        tok = _tokenizer().from_dir(path) if tokenizer else None
+        tok = load_tokenizer(path) if tokenizer else None
     else:
         raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
     # Build on `meta` and allocate once, so peak memory is one copy of the weights plus the

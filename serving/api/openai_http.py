@@ -24,6 +24,7 @@ from serving.api.streams import fan_in
 from serving.engine.async_engine import EngineDeadError
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
+from serving.engine.stats import merge_stats
 
 
 class ErrorDetail(BaseModel):
@@ -84,7 +85,7 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
     async def get_metrics():
         client = admission.client
         replicas = await asyncio.to_thread(client.replica_states) if client else []
-        stats = await asyncio.to_thread(client.stats) if client else None
+        stats = merge_stats([r.stats for r in replicas if r.stats is not None]) if client else None
         model = client.models()[0].id if client else ""
         return PlainTextResponse(metrics.render(stats, model, counters, admission.ready, replicas),
                                  media_type="text/plain; version=0.0.4")

@@ -3,7 +3,6 @@ tensor-parallel actors) behind the same EngineClient interface as the in-process
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -16,10 +15,10 @@ from models.llama4.tokenizer import Tokenizer
 from serving.cluster.replica import Replica
 from serving.cluster.router import Router
 from serving.engine.async_engine import EngineDeadError
-from serving.engine.engine import PromptInput
+from serving.engine.engine import PromptInput, tokenize_prompt
 from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.stats import EngineStats, Histogram, ReplicaState
+from serving.engine.stats import EngineStats, ReplicaState, merge_stats
 
 log = logging.getLogger("herd.cluster")
 
@@ -47,7 +46,7 @@ class ClusterClient:
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """A replica that dies before the request's first output is taken out of rotation and
         the request goes to another; one that dies mid-stream ends it with EngineDeadError."""
-        ids, text = self._tokenize(prompt)
+        ids, text = tokenize_prompt(self.tokenizer, prompt)
         tried: set[int] = set()
         while True:
             try:
@@ -122,15 +121,6 @@ class ClusterClient:
         self.router.healthy[i] = True
         log.info("replica %d is back in rotation", i)
 
-    def _tokenize(self, prompt: PromptInput) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt), prompt
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
-        if isinstance(prompt, dict) and "prompt" in prompt:
-            return self.tokenizer.encode(prompt["prompt"]), prompt["prompt"]
-        return list(prompt), None
-
     async def abort(self, request_id: str) -> None:
         i = self._in_flight.get(request_id)
         if i is not None:
@@ -140,7 +130,6 @@ class ClusterClient:
         """Each replica's stats; None for one out of rotation."""
         healthy = list(self.router.healthy)
         got = ray.get([r.leader.stats.remote() for r, ok in zip(self.replicas, healthy) if ok])
-        # (a retired replica reads as out of rotation)
         it = iter(got)
         return [next(it) if ok else None for ok in healthy]
 
@@ -196,23 +185,3 @@ class ClusterClient:
 
 class _Died:
     """Marks, inside a request's stream, that its replica died."""
-
-
-def merge_stats(parts: list[EngineStats]) -> EngineStats:
-    """Counters and gauges summed, histograms pooled; KV usage over all replicas' blocks."""
-    total = EngineStats()
-    for s in parts:
-        for f in dataclasses.fields(EngineStats):
-            mine, theirs = getattr(total, f.name), getattr(s, f.name)
-            if isinstance(theirs, Histogram):
-                mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts)]
-                mine.total += theirs.total
-                mine.count += theirs.count
-            elif isinstance(theirs, dict):
-                for k, v in theirs.items():
-                    mine[k] = mine.get(k, 0) + v
-            elif f.name != "kv_usage":
-                setattr(total, f.name, mine + theirs)
-    if total.num_kv_blocks:
-        total.kv_usage = 1 - total.num_free_kv_blocks / total.num_kv_blocks
-    return total

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import os
 import socket
 
@@ -15,9 +16,9 @@ import torch.distributed as dist
 from models.llama4 import load_model
 from serving.cluster.tensor_parallel import shard_model
 from serving.cluster.tp_runner import LeaderRunner, follow
-from serving.engine.async_engine import AsyncEngine
+from serving.engine.async_engine import AsyncEngine, EngineDeadError
 from serving.engine.config import EngineConfig
-from serving.engine.engine import LLMEngine
+from serving.engine.engine import LLMEngine, effective_max_model_len, resolve_model
 from serving.engine.memory import plan_kv_blocks
 from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import ModelCard, RequestOutput
@@ -29,7 +30,8 @@ class RankWorker:
     def __init__(self, rank: int, world: int, config: EngineConfig) -> None:
         self.rank, self.world = rank, world
         self.config = dataclasses.replace(config)
-        self.engine: LLMEngine | None = None
+        self.engine: AsyncEngine | None = None  # rank 0's
+        self._offline_ids = itertools.count()
         self.runner: ModelRunner | None = None
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -43,18 +45,14 @@ class RankWorker:
     def setup(self, host: str, port: int) -> int:
         """Joins the process group, reads this rank's shard, sizes the KV cache (the smallest any
         rank can hold); collective: every rank calls it at once. Returns the KV block count."""
-        from models.default import DEFAULT_MODEL_NAME, default_model_path
-
         cfg = self.config
         backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                 world_size=self.world)
-        if cfg.model is None:
-            cfg.model, cfg.served_model_name = str(default_model_path()), cfg.served_model_name or DEFAULT_MODEL_NAME
+        resolve_model(cfg)
         self.loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, tokenizer=self.rank == 0,
                                  shard=lambda m: shard_model(m, self.rank, self.world).parts)
-        mc = self.loaded.config
-        max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        max_len = effective_max_model_len(cfg, self.loaded.config)
         blocks = torch.tensor([plan_kv_blocks(self.loaded.model, cfg, max_len)])
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
         cfg.num_kv_blocks = int(blocks)
@@ -78,14 +76,14 @@ class RankWorker:
         try:
             async for out in self.engine.generate(prompt, params, request_id):
                 yield out
-        except ValueError as e:
+        except (ValueError, EngineDeadError) as e:
             yield e
 
     async def generate(self, prompts: list, params: SamplingParams) -> list[RequestOutput]:
         """Rank 0: the whole outputs of several requests, run together (the offline API)."""
         async def one(i: int, prompt) -> RequestOutput:
             result = None
-            async for out in self.engine.generate(prompt, params, f"offline-{i}-{id(prompts)}"):
+            async for out in self.engine.generate(prompt, params, f"offline-{next(self._offline_ids)}"):
                 if result is None:
                     result = out
                 else:

@@ -23,6 +23,34 @@ from serving.engine.stats import EngineStats
 PromptInput = str | list[int] | dict[str, Any]
 
 
+def tokenize_prompt(tokenizer, prompt: PromptInput) -> tuple[list[int], str | None]:
+    """(token ids, text or None) of a prompt in any of the offline API's shapes."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt), prompt
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        if "prompt" in prompt:
+            return tokenizer.encode(prompt["prompt"]), prompt["prompt"]
+        raise ParamError("prompt", "a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    return list(prompt), None
+
+
+def resolve_model(config: EngineConfig) -> None:
+    """No model named: the built-in default, served under its own name."""
+    if config.model is None:
+        from models.default import DEFAULT_MODEL_NAME, default_model_path
+
+        config.model = str(default_model_path())
+        config.served_model_name = config.served_model_name or DEFAULT_MODEL_NAME
+
+
+def effective_max_model_len(config: EngineConfig, model_config) -> int:
+    """The context the engine serves: the config's, never past the model's positions."""
+    limit = model_config.max_position_embeddings
+    return min(config.max_model_len or limit, limit)
+
+
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig,
                  runner_factory: Callable[..., ModelRunner] = ModelRunner) -> None:
@@ -35,8 +63,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.model_name = config.served_model_name or loaded.path.stem
-        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
-                                 loaded.config.max_position_embeddings)
+        self.max_model_len = effective_max_model_len(config, loaded.config)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens: {config.max_num_batched_tokens} is below max_model_len "
                              f"{self.max_model_len}; without chunked prefill a long prompt could never run")
@@ -55,26 +82,14 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        from models.default import DEFAULT_MODEL_NAME, default_model_path
-
-        path = config.model or default_model_path()
-        if config.served_model_name is None and config.model is None:
-            config.served_model_name = DEFAULT_MODEL_NAME
-        return cls(load_model(path, dtype=config.dtype, device=config.device,
+        resolve_model(config)
+        return cls(load_model(config.model, dtype=config.dtype, device=config.device,
                               quantization=config.quantization), config)
 
     # -- requests -------------------------------------------------------------------------
 
     def tokenize(self, prompt: PromptInput) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt), prompt
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return list(prompt["prompt_token_ids"]), prompt.get("prompt")
-            if "prompt" in prompt:
-                return self.tokenizer.encode(prompt["prompt"]), prompt["prompt"]
-            raise ParamError("prompt", "a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        return list(prompt), None
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                     arrival_time: float | None = None) -> Request:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -63,3 +64,24 @@ class ReplicaState:
     healthy: bool
     restarts: int = 0
     stats: EngineStats | None = None  # None while it is out of rotation
+
+
+def merge_stats(parts: list[EngineStats]) -> EngineStats:
+    """Several engines' stats as one: counters and gauges summed, histograms pooled, KV usage
+    over all their blocks."""
+    total = EngineStats()
+    for s in parts:
+        for f in dataclasses.fields(EngineStats):
+            mine, theirs = getattr(total, f.name), getattr(s, f.name)
+            if isinstance(theirs, Histogram):
+                mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts)]
+                mine.total += theirs.total
+                mine.count += theirs.count
+            elif isinstance(theirs, dict):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0) + v
+            elif f.name != "kv_usage":
+                setattr(total, f.name, mine + theirs)
+    if total.num_kv_blocks:
+        total.kv_usage = 1 - total.num_free_kv_blocks / total.num_kv_blocks
+    return total
