@@ -10,6 +10,7 @@ import sys
 # command -> module with add_arguments(parser) and run(args) -> exit code
 COMMANDS = {
     "serve": ("herd.serve_cmd", "serve a model over OpenAI-compatible HTTP and gRPC"),
+    "batch": ("herd.batch_cmd", "run an OpenAI Batch file (JSONL) of requests, resumably"),
     "generate": ("herd.generate_cmd", "generate text from a prompt on one model, in-process"),
 }
 

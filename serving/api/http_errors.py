@@ -17,6 +17,13 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+def invalid_body(errors: list[dict[str, Any]]) -> ApiError:
+    """The first of pydantic's validation errors as a 400 naming the field (dotted path)."""
+    err = errors[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    return ApiError(400, f"{loc or 'body'}: {err.get('msg')}", "invalid_request_error", loc or None)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -25,16 +32,17 @@ class BodyLimitAndAuth:
     """Refuses bodies over max_body_bytes (413) and /v1 calls without the key (401) before any
     route runs; counts responses by route and status for /metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, counters) -> None:
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, counters,
+                 max_upload_bytes: int | None = None) -> None:
         self.app, self.api_key, self.max_body_bytes, self.counters = app, api_key, max_body_bytes, counters
+        # /v1/files takes uploads up to this (plus the multipart framing)
+        self.max_upload_bytes = max_upload_bytes or max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = path if path in ("/health", "/metrics", "/v1/models", "/v1/completions",
-                                 "/v1/chat/completions") else ("/v1/models/{id}" if path.startswith("/v1/models/")
-                                                               else "other")
+        route = _route(path)
         status_seen = {}
 
         async def counting_send(message):
@@ -49,9 +57,10 @@ class BodyLimitAndAuth:
             return await _reply(counting_send, 401, error_body(
                 "Incorrect API key provided; pass it as 'Authorization: Bearer KEY'",
                 "invalid_request_error", None, "invalid_api_key"))
+        limit = self.max_upload_bytes + 2**16 if path == "/v1/files" else self.max_body_bytes
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _reply(counting_send, 413, self._too_large())
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _reply(counting_send, 413, self._too_large(limit))
         received = 0
 
         async def limited_receive():
@@ -59,7 +68,7 @@ class BodyLimitAndAuth:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise _TooLarge
             return message
 
@@ -67,11 +76,26 @@ class BodyLimitAndAuth:
             await self.app(scope, limited_receive, counting_send)
         except _TooLarge:
             if "status" not in status_seen:
-                await _reply(counting_send, 413, self._too_large())
+                await _reply(counting_send, 413, self._too_large(limit))
 
-    def _too_large(self) -> dict[str, Any]:
-        return error_body(f"request body is larger than the limit of {self.max_body_bytes} bytes",
+    @staticmethod
+    def _too_large(limit: int) -> dict[str, Any]:
+        return error_body(f"request body is larger than the limit of {limit} bytes",
                           "invalid_request_error", None, "request_too_large")
+
+
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/files",
+           "/v1/batches")
+
+
+def _route(path: str) -> str:
+    """The metrics label of a path: the route, with ids folded away."""
+    if path in _ROUTES:
+        return path
+    for prefix in ("/v1/models", "/v1/files", "/v1/batches"):
+        if path.startswith(prefix + "/"):
+            return prefix + "/{id}"
+    return "other"
 
 
 async def _reply(send, status: int, body: dict[str, Any]) -> None:

@@ -27,6 +27,8 @@ class GatewayConfig:
     max_queued_requests: int | None = None
     max_body_bytes: int = 8 * 2**20
     drain_timeout: float = 30.0
+    files_dir: str | None = None  # /v1/files and /v1/batches keep their data here (None: no such routes)
+    max_file_bytes: int = 512 * 2**20
 
 
 class _Server(uvicorn.Server):
@@ -45,7 +47,16 @@ async def run_gateway(make_client: Callable[[], EngineClient], cfg: GatewayConfi
                       ready: Callable[[str, int, int | None], None] | None = None) -> int:
     """Serves until SIGTERM/SIGINT; returns the exit code. `make_client` runs in a thread."""
     admission = Admission(cfg.max_queued_requests)
-    app = build_app(admission, cfg.api_key, cfg.max_body_bytes)
+    routers, jobs = [], None
+    if cfg.files_dir is not None:
+        from serving.batch.files import FileStore
+        from serving.batch.http_routes import batch_router
+        from serving.batch.jobs import BatchJobs
+
+        files = FileStore(cfg.files_dir)
+        jobs = BatchJobs(cfg.files_dir, files, lambda: admission.client if admission.ready else None)
+        routers.append(batch_router(files, jobs, cfg.max_file_bytes))
+    app = build_app(admission, cfg.api_key, cfg.max_body_bytes, routers, cfg.max_file_bytes)
     server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
                                     timeout_graceful_shutdown=int(cfg.drain_timeout), access_log=False),
                      on_signal=lambda: setattr(admission, "draining", True))
@@ -61,6 +72,8 @@ async def run_gateway(make_client: Callable[[], EngineClient], cfg: GatewayConfi
         log.info("model %s ready in %.1fs", admission.client.models()[0].id, time.perf_counter() - t0)
 
     loader = asyncio.create_task(load())
+    if jobs is not None:
+        jobs.resume_all()  # unfinished batches carry on once the model is loaded
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
@@ -69,6 +82,8 @@ async def run_gateway(make_client: Callable[[], EngineClient], cfg: GatewayConfi
         ready(cfg.host, port, getattr(grpc_server, "bound_port", None))
     await serving  # returns once a signal has set should_exit and HTTP requests have finished
     admission.draining = True
+    if jobs is not None:
+        await jobs.stop()  # batches stay in progress on disk and resume at the next start
     if grpc_server is not None:
         await grpc_server.stop(grace=cfg.drain_timeout)
     if not loader.done():
