@@ -178,6 +178,10 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
         return self.token_to_str(ids) if isinstance(ids, int) else [self.token_to_str(i) for i in ids]
 
+    def backend_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer (what grammar engines build their vocabulary from)."""
+        return self._backend.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from protos.herd.v1 import herd_pb2 as pb
+from serving.api.chat_tools import ChatTools
+from serving.api.openai_structured import from_response_format, pick
 from serving.engine.outputs import PositionLogprobs, RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
 
@@ -28,6 +32,41 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         raise ParamError(f"params.{e.param}", str(e).split(": ", 1)[-1]) from None
 
 
+def chat_tools(request: pb.ChatRequest, chat_template: str | None, parser: str | None) -> ChatTools | None:
+    """The request's tools and tool_choice, as the HTTP API takes them; ParamError names the field."""
+    tools = []
+    for i, t in enumerate(request.tools):
+        fn = {"name": t.name}
+        if t.description:
+            fn["description"] = t.description
+        if t.parameters_json:
+            try:
+                fn["parameters"] = json.loads(t.parameters_json)
+            except json.JSONDecodeError as e:
+                raise ParamError(f"tools[{i}].parameters_json", f"not valid JSON: {e}") from None
+            if not isinstance(fn["parameters"], dict):
+                raise ParamError(f"tools[{i}].parameters_json", "must be a JSON Schema object")
+        tools.append({"type": "function", "function": fn})
+    choice = request.tool_choice or None
+    if choice not in (None, "none", "auto", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None
+    return ChatTools.from_request(tools, choice, parallel, chat_template, parser)
+
+
+def chat_structured(request: pb.ChatRequest, tools: ChatTools | None):
+    rf = None
+    if request.HasField("response_format") and request.response_format.type:
+        rf = {"type": request.response_format.type}
+        if request.response_format.schema_json:
+            try:
+                schema = json.loads(request.response_format.schema_json)
+            except json.JSONDecodeError as e:
+                raise ParamError("response_format.schema_json", f"not valid JSON: {e}") from None
+            rf["json_schema"] = {"name": "response", "schema": schema}
+    return pick(from_response_format(rf), tools.structured() if tools else None)
+
+
 def token_logprobs(token_ids, positions: list[PositionLogprobs | None], top_n: int,
                    name) -> list[pb.TokenLogprob]:
     out = []
@@ -45,10 +84,13 @@ class ResponseBuilder:
     """Turns one request's (delta or merged) outputs into GenerateResponse messages, keeping
     the token counts that the last message's usage reports."""
 
-    def __init__(self, request_id: str, params: SamplingParams, name) -> None:
+    def __init__(self, request_id: str, params: SamplingParams, name, tools: ChatTools | None = None) -> None:
         self.request_id, self.params, self.name = request_id, params, name
         self.completion_tokens = 0
         self.first = True
+        # with tools, a sample's text is held until it ends, then split into content and calls
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.held: dict[int, str] = {}
 
     def message(self, out: RequestOutput) -> pb.GenerateResponse:
         msg = pb.GenerateResponse(request_id=self.request_id)
@@ -62,8 +104,16 @@ class ResponseBuilder:
             if not o.token_ids and not o.text and o.finish_reason is None:
                 continue
             self.completion_tokens += len(o.token_ids)
-            choice = msg.choices.add(index=o.index, token_ids=o.token_ids, text=o.text,
-                                     finish_reason=o.finish_reason or "")
+            text, reason, calls = o.text, o.finish_reason, []
+            if self.tools is not None:
+                self.held[o.index] = self.held.get(o.index, "") + o.text
+                text = ""
+                if reason is not None:
+                    content, calls, reason = self.tools.complete(self.held.pop(o.index), reason)
+                    text = content or ""
+            choice = msg.choices.add(index=o.index, token_ids=o.token_ids, text=text, finish_reason=reason or "")
+            for c in calls:
+                choice.tool_calls.add(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
             if o.logprobs is not None:
                 choice.logprobs.extend(token_logprobs(o.token_ids, o.logprobs, self.params.logprobs or 0,
                                                       self.name))

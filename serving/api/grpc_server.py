@@ -15,9 +15,11 @@ from grpc_reflection.v1alpha import reflection
 from protos.herd.v1 import herd_pb2 as pb
 from protos.herd.v1 import herd_pb2_grpc as pb_grpc
 from serving.api.admission import Admission, Overloaded, Unavailable
+from serving.api.chat_tools import ChatTools
 from serving.api.engine_client import EngineClient
-from serving.api.grpc_convert import ResponseBuilder, sampling_params
+from serving.api.grpc_convert import ResponseBuilder, chat_structured, chat_tools, sampling_params
 from serving.api.openai_responses import TokenNames
+from serving.api.openai_schema import template_arguments
 from serving.engine.async_engine import EngineDeadError
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import ParamError
@@ -62,25 +64,36 @@ class HerdService(pb_grpc.HerdServicer):
                                     f"messages[{i}].role: must be one of {sorted(_ROLES)}, got {m.role!r}")
             msg = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
             msg.update({k: getattr(m, k) for k in ("name", "tool_call_id") if getattr(m, k)})
+            if m.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": template_arguments(c.arguments)}} for c in m.tool_calls]
             messages.append(msg)
         add_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
         try:
-            ids = client.tokenizer.encode_chat(messages, add_generation_prompt=add_prompt)
+            tools = chat_tools(request, client.tokenizer.chat_template, getattr(client, "tool_call_parser", None))
+            structured = chat_structured(request, tools)
+        except ParamError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        messages, template_tools = tools.render(messages) if tools else (messages, None)
+        try:
+            ids = client.tokenizer.encode_chat(messages, add_generation_prompt=add_prompt, tools=template_tools)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"messages: {e}")
-        async for msg in self._run(client, {"prompt_token_ids": ids}, request, "messages", context):
+        async for msg in self._run(client, {"prompt_token_ids": ids}, request, "messages", context,
+                                   tools, structured):
             yield msg
 
-    async def _run(self, client: EngineClient, prompt, request, prompt_field: str,
-                   context) -> AsyncIterator[pb.GenerateResponse]:
+    async def _run(self, client: EngineClient, prompt, request, prompt_field: str, context,
+                   tools: ChatTools | None = None, structured=None) -> AsyncIterator[pb.GenerateResponse]:
         """Streams one engine request. A cancelled call or an expired deadline cancels this
         coroutine, and leaving the engine's iterator aborts the request."""
         try:
             params = sampling_params(request.params)
         except ParamError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        params.structured = structured
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-        builder = ResponseBuilder(rid, params, TokenNames(client.tokenizer))
+        builder = ResponseBuilder(rid, params, TokenNames(client.tokenizer), tools)
         merged: RequestOutput | None = None
         stream = client.generate(prompt, params, rid)
         try:
@@ -92,7 +105,8 @@ class HerdService(pb_grpc.HerdServicer):
                 else:
                     merged.merge(out)
         except ParamError as e:
-            field = prompt_field if e.param == "prompt" else f"params.{e.param}"
+            field = (prompt_field if e.param == "prompt" else e.param if structured is not None and
+                     e.param == structured.param else f"params.{e.param}")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {str(e).split(': ', 1)[-1]}")
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))

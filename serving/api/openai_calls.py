@@ -5,7 +5,7 @@ body is exactly what the HTTP API returns for the same request."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,15 +68,15 @@ def check_model(client: EngineClient, model: str) -> None:
                        "model", "model_not_found")
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def _params(build: Callable[[], SamplingParams]) -> SamplingParams:
     try:
-        return body.to_sampling_params()
+        return build()
     except ParamError as e:
         raise api_error(e) from None
 
 
 def start_completion(client: EngineClient, body: CompletionRequest) -> Call:
-    params = _params(body)
+    params = _params(body.to_sampling_params)
     rid = f"cmpl-{uuid.uuid4().hex}"
     streams = [client.generate(p if isinstance(p, str) else {"prompt_token_ids": p}, params, f"{rid}-{i}")
                for i, p in enumerate(body.prompts())]
@@ -85,12 +85,14 @@ def start_completion(client: EngineClient, body: CompletionRequest) -> Call:
 
 
 def start_chat(client: EngineClient, body: ChatCompletionRequest) -> Call:
-    params = _params(body)
+    tok = client.tokenizer
+    tools = _params(lambda: body.chat_tools(tok.chat_template, getattr(client, "tool_call_parser", None)))
+    params = _params(lambda: body.to_sampling_params(tools))
+    messages, template_tools = tools.render(body.template_messages()) if tools else (body.template_messages(), None)
     try:
-        ids = client.tokenizer.encode_chat(body.template_messages(),
-                                           add_generation_prompt=body.add_generation_prompt)
+        ids = tok.encode_chat(messages, add_generation_prompt=body.add_generation_prompt, tools=template_tools)
     except ValueError as e:
         raise ApiError(400, f"messages: {e}", "invalid_request_error", "messages") from None
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = client.generate({"prompt_token_ids": ids}, params, rid)
-    return Call([stream], ChatShape(rid, body, params, TokenNames(client.tokenizer)), {"prompt": "messages"})
+    return Call([stream], ChatShape(rid, body, params, TokenNames(tok), tools), {"prompt": "messages"})

@@ -6,11 +6,15 @@ when it did not.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serving.api.chat_tools import ChatTools
+from serving.api.openai_structured import from_response_format, from_structured_outputs, pick
 from serving.engine.sampling_params import ParamError, SamplingParams
+from serving.engine.structured import StructuredOutput
 
 
 class StreamOptions(BaseModel):
@@ -44,6 +48,8 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM: json | regex | choice | grammar
 
     @field_validator("stop")
     @classmethod
@@ -61,10 +67,14 @@ class _Sampling(BaseModel):
         return v
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None, best_of: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, best_of: int | None = None,
+                        structured: StructuredOutput | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "only allowed when stream is true")
+        structured = pick(from_response_format(self.response_format),
+                          from_structured_outputs(self.structured_outputs), structured)
         return SamplingParams(
+            structured=structured,
             n=self.n, best_of=best_of, max_tokens=max_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, stop=self.stop, seed=self.seed,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -122,13 +132,51 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # a JSON object, as the API returned it
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
@@ -137,10 +185,23 @@ class ChatMessage(BaseModel):
         # Templates know system, not OpenAI's newer "developer" role.
         msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                                "content": content or ""}
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 msg[key] = getattr(self, key)
+        if self.tool_calls:
+            # HF chat templates take arguments as a mapping (they serialise it themselves)
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": template_arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
         return msg
+
+
+def template_arguments(text: str) -> Any:
+    """A call's arguments as chat templates take them: a mapping when the text is JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 class ChatCompletionRequest(_Sampling):
@@ -150,21 +211,21 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
-    def to_sampling_params(self) -> SamplingParams:
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ParamError("tools", "tool calling is not supported by this server yet")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ParamError("response_format", "only {'type': 'text'} is supported by this server yet")
+    def chat_tools(self, chat_template: str | None, parser: str | None = None) -> ChatTools | None:
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+        return ChatTools.from_request(tools, choice, self.parallel_tool_calls, chat_template, parser)
+
+    def to_sampling_params(self, tools: ChatTools | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "requires logprobs to be true")
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs)
+        return self.sampling_params(max_tokens, logprobs, structured=tools.structured() if tools else None)
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message() for m in self.messages]

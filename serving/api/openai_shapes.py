@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serving.api.chat_tools import ChatTools, ChoiceStream
 from serving.api.openai_responses import TokenNames, chat_logprobs, completion_logprobs, usage
 from serving.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from serving.engine.outputs import RequestOutput
@@ -69,8 +70,9 @@ class CompletionShape:
 
 
 class ChatShape:
-    def __init__(self, rid: str, body: ChatCompletionRequest, params: SamplingParams, names: TokenNames) -> None:
-        self.rid, self.body, self.params, self.names = rid, body, params, names
+    def __init__(self, rid: str, body: ChatCompletionRequest, params: SamplingParams, names: TokenNames,
+                 tools: ChatTools | None = None) -> None:
+        self.rid, self.body, self.params, self.names, self.tools = rid, body, params, names, tools
         self.created = int(time.time())
 
     def _logprobs(self, out) -> dict | None:
@@ -78,10 +80,16 @@ class ChatShape:
             return None
         return chat_logprobs(out.token_ids, out.logprobs or [], self.names, self.body.top_logprobs or 0)
 
+    def _choice(self, out) -> dict[str, Any]:
+        content, calls, reason = (self.tools.complete(out.text, out.finish_reason) if self.tools
+                                  else (out.text, [], out.finish_reason))
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        return {"index": out.index, "message": message, "logprobs": self._logprobs(out), "finish_reason": reason}
+
     def response(self, result: RequestOutput) -> dict[str, Any]:
-        choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": self._logprobs(out), "finish_reason": out.finish_reason}
-                   for out in result.outputs]
+        choices = [self._choice(out) for out in result.outputs]
         completion = sum(len(o.token_ids) for o in result.outputs)
         return {"id": self.rid, "object": "chat.completion", "created": self.created,
                 "model": self.body.model, "choices": choices,
@@ -96,20 +104,27 @@ class ChatShape:
 
     async def chunks(self, outputs) -> AsyncIterator[dict[str, Any]]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
-        started: set[int] = set()
+        streams: dict[int, ChoiceStream] = {}
         prompt_tokens = completion_tokens = cached = 0
         async for _, result in outputs:
             prompt_tokens, cached = len(result.prompt_token_ids), result.num_cached_tokens
             for out in result.outputs:
-                if out.index not in started:
-                    started.add(out.index)
+                if out.index not in streams:
+                    streams[out.index] = ChoiceStream(self.tools)
                     yield self._chunk([{"index": out.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], include_usage)
                 completion_tokens += len(out.token_ids)
-                if out.text or out.token_ids or out.finish_reason:
-                    delta = {"content": out.text} if out.text else {}
-                    yield self._chunk([{"index": out.index, "delta": delta, "logprobs": self._logprobs(out),
-                                        "finish_reason": out.finish_reason}], include_usage)
+                deltas, reason = streams[out.index].feed(out.text), None
+                if out.finish_reason:
+                    tail, reason = streams[out.index].end(out.finish_reason)
+                    deltas += tail
+                if not deltas and (out.token_ids or reason):
+                    deltas = [{}]  # tokens whose text is held back still carry their logprobs
+                for j, delta in enumerate(deltas):
+                    last = j == len(deltas) - 1
+                    yield self._chunk([{"index": out.index, "delta": delta,
+                                        "logprobs": self._logprobs(out) if j == 0 else None,
+                                        "finish_reason": reason if last else None}], include_usage)
         if include_usage:
             chunk = self._chunk([], False)
             chunk["usage"] = usage(prompt_tokens, completion_tokens, cached)

@@ -19,6 +19,7 @@ from serving.engine.sampling_params import ParamError, SamplingParams
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Request, Sequence
 from serving.engine.stats import EngineStats
+from serving.engine.structured import Grammars
 
 PromptInput = str | list[int] | dict[str, Any]
 
@@ -62,6 +63,7 @@ class LLMEngine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
+        self.grammars = Grammars(self.tokenizer, loaded.config.vocab_size)  # structured outputs
         self.model_name = config.served_model_name or loaded.path.stem
         self.max_model_len = effective_max_model_len(config, loaded.config)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
@@ -102,6 +104,8 @@ class LLMEngine:
             next(self._seq_ids)
         self.requests[request_id] = req
         for seq in req.seqs:
+            if params.structured is not None:
+                seq.matcher = self.grammars.matcher(params.structured)
             self.scheduler.add(seq)
         self.stats.prompt_tokens += len(ids)
         return req
@@ -114,6 +118,8 @@ class LLMEngine:
         if bad is not None:
             raise ParamError("prompt", f"token id {bad} is outside the vocabulary of {vocab}")
         params.validate_for(vocab)
+        if params.structured is not None:
+            self.grammars.check(params.structured)
         limit = self.max_model_len
         if len(ids) >= limit:
             raise ParamError("prompt", f"the prompt has {len(ids)} tokens; this model's maximum "
@@ -164,6 +170,10 @@ class LLMEngine:
             seq.append(sample.token_id, sample.logprob, sample.top)
             self._time_token(req, seq, now)
             reason = self.outputs.on_token(seq, sample.token_id)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(sample.token_id)
+                if reason is None and seq.matcher.is_stopped():  # the structure is complete
+                    reason = "stop"
             if reason is not None:
                 self.outputs.finish(seq, reason)
                 self.scheduler.finish(seq)

@@ -14,6 +14,7 @@ import torch
 
 from serving.engine.outputs import Logprob, PositionLogprobs
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.structured import allowed_tokens
 
 
 @dataclass
@@ -23,6 +24,7 @@ class SampleRow:
     output_ids: list[int]
     banned_ids: list[int]  # stop ids while fewer than min_tokens are out
     generator: torch.Generator | None
+    matcher: object | None = None  # structured output: only the tokens it allows may be drawn
 
 
 @dataclass
@@ -103,6 +105,8 @@ def sample(logits_BV: torch.Tensor, rows: list[SampleRow], decode=lambda t: None
             logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype)
         if r.banned_ids:
             logits[i, r.banned_ids] = float("-inf")
+        if r.matcher is not None:
+            logits[i].masked_fill_(~allowed_tokens(r.matcher, logits.shape[-1]), float("-inf"))
     _apply_penalties(logits, rows)
     tokens = logits.argmax(-1)
     random = [i for i, r in enumerate(rows) if not r.params.greedy]

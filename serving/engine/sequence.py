@@ -36,6 +36,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
         self.prefix_checked = False
+        self.matcher = None  # llguidance matcher of a structured-output request (engine-owned)
         params = request.params
         self.generator: torch.Generator | None = None
         if params.seed is not None and not params.greedy:
