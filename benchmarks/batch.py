@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
-from report import bar_chart, machine_info, md_table  # noqa: E402
+from report import bar_chart, machine_info, md_table
 
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
 MODEL = "SmolLM2-135M-Instruct"

@@ -68,6 +68,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization",
                    type=float, default=0.5, help="fraction of device memory for weights + activations + KV")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
+    p.add_argument("--tool-call-parser", default="auto", choices=["auto", "llama4", "pythonic", "json", "hermes"],
+                   help="how tool calls are read from the model's output (auto: from its chat template)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model step (faster single requests; slower warm-up)")
 
@@ -97,8 +99,11 @@ def make_client(args: argparse.Namespace, config):
     """The engine client the options ask for (loads the model; call it off the event loop)."""
     policy = scale_policy(args)
     if policy.max_replicas > 1 or args.tensor_parallel_size > 1 or args.ray_address:
-        return make_cluster_client(args, config, policy)
-    from serving.engine import LLMEngine
-    from serving.engine.async_engine import AsyncEngine
+        client = make_cluster_client(args, config, policy)
+    else:
+        from serving.engine import LLMEngine
+        from serving.engine.async_engine import AsyncEngine
 
-    return AsyncEngine(LLMEngine.from_config(config))
+        client = AsyncEngine(LLMEngine.from_config(config))
+    client.tool_call_parser = None if args.tool_call_parser == "auto" else args.tool_call_parser
+    return client
