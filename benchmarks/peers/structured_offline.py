@@ -1,5 +1,10 @@
-"""Structured-output overhead in one engine: the same chat batch run unconstrained, then with every
-other request held to a JSON schema (compact JSON, greedy), each timed once after a warm-up.
+"""Structured-output overhead in one engine: a chat batch with every other request held to a JSON
+schema (compact JSON, greedy), against the same batch unconstrained, each timed once after a warm-up.
+
+A constrained request stops when its JSON is complete, so "unconstrained" alone would compare
+batches of different lengths. "matched" is the same batch unconstrained with each request held
+to the length it had under its schema (max_tokens = that length, ignore_eos): the same tokens
+and batch sizes step by step, so the difference is what the masks cost.
 
     .venv/bin/python benchmarks/peers/structured_offline.py --engine herd --out R.json
     benchmarks/.venv-vllm/bin/python benchmarks/peers/structured_offline.py --engine vllm \
@@ -50,12 +55,11 @@ def run_herd(args, reqs):
 
     def params(schema, max_tokens):
         so = StructuredOutput.json_schema(schema) if schema is not None else None
-        return SamplingParams(temperature=0, max_tokens=max_tokens, structured=so)
+        return SamplingParams(temperature=0, max_tokens=max_tokens, structured=so, ignore_eos=schema is None)
 
-    def go(with_schemas, max_tokens):
-        outs = llm.chat([m for m, _ in reqs], [params(s if with_schemas else None, max_tokens) for _, s in reqs],
-                        use_tqdm=False)
-        return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
+    def go(schemas, lengths):
+        outs = llm.chat([m for m, _ in reqs], [params(s, n) for s, n in zip(schemas, lengths)], use_tqdm=False)
+        return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
     return "herd", go, llm.engine.blocks.reset_prefix_cache
 
 
@@ -69,12 +73,11 @@ def run_vllm(args, reqs):
 
     def params(schema, max_tokens):
         so = StructuredOutputsParams(json=schema, disable_any_whitespace=True) if schema is not None else None
-        return SamplingParams(temperature=0, max_tokens=max_tokens, structured_outputs=so)
+        return SamplingParams(temperature=0, max_tokens=max_tokens, structured_outputs=so, ignore_eos=schema is None)
 
-    def go(with_schemas, max_tokens):
-        outs = llm.chat([m for m, _ in reqs], [params(s if with_schemas else None, max_tokens) for _, s in reqs],
-                        use_tqdm=False)
-        return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
+    def go(schemas, lengths):
+        outs = llm.chat([m for m, _ in reqs], [params(s, n) for s, n in zip(schemas, lengths)], use_tqdm=False)
+        return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
     return "vllm", go, llm.reset_prefix_cache
 
 
@@ -88,18 +91,24 @@ def main():
     args = ap.parse_args()
     reqs = requests(args.requests)
     name, go, reset = (run_herd if args.engine == "herd" else run_vllm)(args, reqs)
-    go(True, 4)  # warm-up: compiles the schemas' grammars too
+    schemas = [s for _, s in reqs]
+    free = [None] * len(reqs)
+    go(schemas, [4] * len(reqs))  # warm-up: compiles the schemas' grammars too
     result = {"engine": name, "requests": args.requests, "max_tokens": args.max_tokens,
-              "constrained_requests": sum(s is not None for _, s in reqs), "machine": _common.machine()}
-    for label, with_schemas in (("unconstrained", False), ("half_schema", True)):
+              "constrained_requests": sum(s is not None for s in schemas), "machine": _common.machine()}
+    lengths = [args.max_tokens] * len(reqs)
+    for label, run_schemas in (("half_schema", schemas), ("matched", free), ("unconstrained", free)):
         reset()
         t0 = time.perf_counter()
-        texts, tokens = go(with_schemas, args.max_tokens)
+        outs = go(run_schemas, lengths)
         elapsed = time.perf_counter() - t0
-        valid = sum(1 for (_, s), t in zip(reqs, texts) if s is not None and _is_json(t))
+        tokens = sum(n for _, n in outs)
+        valid = sum(1 for s, (t, _) in zip(schemas, outs) if s is not None and _is_json(t))
         result[label] = {"elapsed_s": round(elapsed, 2), "output_tokens": tokens,
-                         "tokens_per_s": round(tokens / elapsed, 1), "valid_json": valid if with_schemas else None}
+                         "tokens_per_s": round(tokens / elapsed, 1),
+                         "valid_json": valid if run_schemas is schemas else None}
         print(label, result[label], flush=True)
+        lengths = [max(1, n) for _, n in outs] if label == "half_schema" else [args.max_tokens] * len(reqs)
     args.out.write_text(json.dumps(result, indent=2))
 
 
