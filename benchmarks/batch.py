@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
-from report import bar_chart, machine_info, md_table
+from report import bar_chart, md_table, write_results
 
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
 MODEL = "SmolLM2-135M-Instruct"
@@ -160,12 +160,8 @@ def main() -> None:
             if other in by:
                 ratios[f"herd-batch / {other}"] = round(by["herd-batch"]["tokens_per_s"] / by[other]["tokens_per_s"], 3)
     name = f"batch-{args.requests}x{args.max_tokens}"
-    date = datetime.date.today().isoformat()
-    out = HERE / "results" / f"{date}-{name}"
-    info = machine_info()
-    command = "python benchmarks/batch.py " + shlex.join(sys.argv[1:])
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": info, "results": rows,
-                                                    "ratios": ratios}, indent=2))
+    out, command, info = write_results(name, "batch.py", rows, ratios)
+    date = out.name[:10]
     cols = [("run", "run"), ("requests", "requests"), ("output_tokens", "output tokens"),
             ("processing_s", "processing s"), ("tokens_per_s", "tok/s"), ("wall_s", "wall s (with start-up)")]
     md = [f"# Offline batch: {args.requests} chat requests x {args.max_tokens} tokens ({date})", "",

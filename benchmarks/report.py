@@ -6,8 +6,11 @@ matplotlib`. Without it bar_chart prints a note and returns None.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +36,18 @@ def machine_info() -> dict:
     info["herd_commit"] = sha + (" + uncommitted changes in models/serving/kernels/herd" if dirty else "")
     info["load_average_at_start"] = os.getloadavg()
     return info
+
+
+def write_results(stem: str, script: str, rows: list[dict], ratios: dict) -> tuple[Path, str, dict]:
+    """results/<date>-<stem>.json with the command and machine; returns (path without suffix,
+    the command line, the machine facts) for the markdown beside it."""
+    date = datetime.date.today().isoformat()
+    out = ROOT / "benchmarks/results" / f"{date}-{stem}"
+    info = machine_info()
+    command = f"python benchmarks/{script} " + shlex.join(sys.argv[1:])
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": info, "results": rows,
+                                                    "ratios": ratios}, indent=2))
+    return out, command, info
 
 
 def fmt(v) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
-from report import machine_info, md_table
+from report import md_table, write_results
 
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
 
@@ -70,12 +70,8 @@ def main() -> None:
         ratios = {"herd/vllm half-schema": round(by["herd"]["mixed_tok_s"] / by["vllm"]["mixed_tok_s"], 3),
                   "herd/vllm matched": round(by["herd"]["matched_tok_s"] / by["vllm"]["matched_tok_s"], 3),
                   "herd/vllm unconstrained": round(by["herd"]["free_tok_s"] / by["vllm"]["free_tok_s"], 3)}
-    date = datetime.date.today().isoformat()
-    out = HERE / "results" / f"{date}-structured-{args.requests}x{args.max_tokens}"
-    info = machine_info()
-    command = "python benchmarks/structured.py " + shlex.join(sys.argv[1:])
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": info, "results": rows,
-                                                    "ratios": ratios}, indent=2))
+    out, command, info = write_results(f"structured-{args.requests}x{args.max_tokens}", "structured.py", rows, ratios)
+    date = out.name[:10]
     cols = [("engine", "engine"), ("mixed_tok_s", "half-schema tok/s"), ("matched_tok_s", "matched tok/s"),
             ("mixed_vs_matched", "half-schema / matched"), ("free_tok_s", "unconstrained tok/s"),
             ("mixed_vs_free", "half-schema / unconstrained"), ("valid_json", "valid JSON"),
