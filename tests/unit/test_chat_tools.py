@@ -44,8 +44,8 @@ def chunks(text: str, size: int) -> list[str]:
 @pytest.mark.parametrize("size", [1, 3, 1000])
 @pytest.mark.parametrize("text", [
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-    '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n<tool_call>{"name": "get_weather", '
-    '"arguments": {"city": "Oslo"}}</tool_call>',
+    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n<tool_call>{"name": "get_weather", '
+    '"arguments": {"city": "Oslo"}}</tool_call>'),
     "No call here, just <b>text</b> and a < sign.\n",
     '<tool_call>{"name": broken json</tool_call>',
 ])
