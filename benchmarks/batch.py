@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
-from report import bar_chart, md_table, write_results
+from report import bar_chart, md_table, reused_rows, write_results
 
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
 MODEL = "SmolLM2-135M-Instruct"
@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--runs", nargs="+", default=["herd-engine", "herd-batch", "vllm"],
                     choices=["herd-engine", "herd-batch", "vllm"])
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier results JSON of the same workload: its rows for the runs not re-run")
     args = ap.parse_args()
     if "vllm" in args.runs and not HF_EXPORT.exists():
         subprocess.run([sys.executable, str(HERE / "peers/export_default_hf.py")], check=True, cwd=ROOT)
@@ -153,6 +155,8 @@ def main() -> None:
         r["tokens_per_s"] = round(r["output_tokens"] / r["processing_s"], 1)
         print(f"{r['run']}: {r['requests']} requests, {r['output_tokens']} tokens in {r['processing_s']:.1f}s "
               f"= {r['tokens_per_s']} tok/s (wall {r['wall_s']}s)")
+    names = {"herd-engine": "herd-engine", "herd-batch": "herd-batch", "vllm": "vllm-run-batch"}
+    rows = reused_rows(args.reuse, "run", {names[n] for n in args.runs}) + rows
     by = {r["run"]: r for r in rows}
     ratios = {}
     if "herd-batch" in by:

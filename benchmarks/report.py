@@ -50,6 +50,15 @@ def write_results(stem: str, script: str, rows: list[dict], ratios: dict) -> tup
     return out, command, info
 
 
+def reused_rows(path: Path | None, key: str, skip: set[str]) -> list[dict]:
+    """Rows of an earlier results JSON (its other runs, same machine) for a report that re-runs
+    only some; each is marked with where it came from."""
+    if path is None:
+        return []
+    rows = json.loads(path.read_text())["results"]
+    return [{**r, "command": f"(reused from {path.name}) {r['command']}"} for r in rows if r[key] not in skip]
+
+
 def fmt(v) -> str:
     if v is None:
         return "-"

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
-from report import md_table, write_results
+from report import md_table, reused_rows, write_results
 
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
 
@@ -32,6 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--engines", nargs="+", default=["herd", "vllm"], choices=["herd", "vllm"])
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier results JSON of the same workload: its rows for the engines not re-run")
     args = ap.parse_args()
     stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H%M%S")
     outdir = HERE / "work/structured" / stamp
@@ -45,8 +48,10 @@ def main() -> None:
         engines["vllm"] = [str(vllm_py), str(runner), "--engine", "vllm", "--model", str(HF_EXPORT)]
     else:
         print("vLLM venv missing (bash benchmarks/setup_peers.sh): herd only")
-    rows = []
+    rows = reused_rows(args.reuse, "engine", set(args.engines))
     for name, cmd in engines.items():
+        if name not in args.engines:
+            continue
         out = outdir / f"{name}.json"
         cmd = [*cmd, "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--out", str(out)]
         print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}", flush=True)

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         raise ValueError(f"input: {args.input} is not a file")
     config = validate(args)
-    client = make_client(args, config)
+    client = make_client(args, config, inline=True)
     try:
         counts = asyncio.run(run_batch(client, args.input, args.output, args.errors,
                                        max_in_flight=args.max_in_flight, progress=args.progress))

@@ -95,8 +95,9 @@ def validate(args: argparse.Namespace):
     return config
 
 
-def make_client(args: argparse.Namespace, config):
-    """The engine client the options ask for (loads the model; call it off the event loop)."""
+def make_client(args: argparse.Namespace, config, inline: bool = False):
+    """The engine client the options ask for (loads the model; call it off the event loop).
+    `inline`: an in-process engine steps on the caller's event loop (offline batch)."""
     policy = scale_policy(args)
     if policy.max_replicas > 1 or args.tensor_parallel_size > 1 or args.ray_address:
         client = make_cluster_client(args, config, policy)
@@ -104,6 +105,6 @@ def make_client(args: argparse.Namespace, config):
         from serving.engine import LLMEngine
         from serving.engine.async_engine import AsyncEngine
 
-        client = AsyncEngine(LLMEngine.from_config(config))
+        client = AsyncEngine(LLMEngine.from_config(config), inline=inline)
     client.tool_call_parser = None if args.tool_call_parser == "auto" else args.tool_call_parser
     return client

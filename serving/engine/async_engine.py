@@ -3,6 +3,11 @@
 Everything that touches the scheduler happens on the engine thread (requests and aborts are
 queued to it); validation and tokenisation happen on the caller's side so that a bad request
 fails at once with its ParamError.
+
+`inline=True` runs the step loop as a task on the caller's event loop instead, for offline
+batch, where that loop has nothing else to do: with one thread there is no GIL hand-off between
+the loop and the engine in every step (with a thread, `herd batch` reached 0.81 of the engine's
+offline throughput on 2 cores). A step then blocks the loop while it runs.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, inline: bool = False) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -33,8 +38,11 @@ class AsyncEngine:
         self._stop = False
         self.error: BaseException | None = None
         self.created = int(time.time())
-        self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
-        self._thread.start()
+        self._inline, self._pump_task = inline, None
+        self._thread = None
+        if not inline:
+            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+            self._thread.start()
 
     @property
     def tokenizer(self):
@@ -86,13 +94,16 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     # -- engine thread --------------------------------------------------------------------
 
     def _send(self, command: tuple[Any, ...]) -> None:
         self._commands.put(command)
         self._wake.set()
+        if self._inline and (self._pump_task is None or self._pump_task.done()):
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(request_id)
@@ -100,28 +111,47 @@ class AsyncEngine:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
+    def _apply_commands(self) -> None:
+        while not self._commands.empty():
+            cmd = self._commands.get()
+            if cmd[0] == "add":
+                _, rid, prompt, params = cmd
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                except ValueError as e:
+                    self._deliver(rid, e)
+            else:
+                self.engine.abort(cmd[1])
+
+    def _fail(self, e: BaseException) -> None:
+        self.error = e
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError(f"the engine stopped: {e!r}"))
+
     def _loop(self) -> None:
-        engine = self.engine
         try:
             while not self._stop:
-                while not self._commands.empty():
-                    cmd = self._commands.get()
-                    if cmd[0] == "add":
-                        _, rid, prompt, params = cmd
-                        try:
-                            engine.add_request(rid, prompt, params)
-                        except ValueError as e:
-                            self._deliver(rid, e)
-                    else:
-                        engine.abort(cmd[1])
-                if not engine.has_unfinished():
+                self._apply_commands()
+                if not self.engine.has_unfinished():
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for out in engine.step():
+                for out in self.engine.step():
                     self._deliver(out.request_id, out)
         except BaseException as e:
-            self.error = e
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"the engine stopped: {e!r}"))
+            self._fail(e)
             raise
+
+    async def _pump(self) -> None:
+        """The inline step loop: steps while there is work, yielding to the event loop between
+        steps so that outputs are consumed and new requests come in."""
+        try:
+            while not self._stop:
+                self._apply_commands()
+                if not self.engine.has_unfinished():
+                    return
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+                await asyncio.sleep(0)
+        except Exception as e:  # noqa: BLE001 - every stream gets EngineDeadError
+            self._fail(e)

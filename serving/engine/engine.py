@@ -171,6 +171,7 @@ class LLMEngine:
             self._time_token(req, seq, now)
             reason = self.outputs.on_token(seq, sample.token_id)
             if seq.matcher is not None:
+                seq.next_mask = None
                 seq.matcher.consume_token(sample.token_id)
                 if reason is None and seq.matcher.is_stopped():  # the structure is complete
                     reason = "stop"
@@ -178,7 +179,18 @@ class LLMEngine:
                 self.outputs.finish(seq, reason)
                 self.scheduler.finish(seq)
         self.stats.num_preemptions = self.scheduler.num_preemptions
+        self._prefetch_masks(sched)
         return [out for req in touched.values() if (out := self._output(req)) is not None]
+
+    def _prefetch_masks(self, sched) -> None:
+        """Next-token masks of the constrained sequences that just sampled, computed while the
+        next step runs the model."""
+        seqs = [item.seq for item in sched.scheduled
+                if item.seq.matcher is not None and not item.seq.finished and item.seq.next_mask is None]
+        if seqs:
+            mask = self.grammars.prefetch([s.matcher for s in seqs])
+            for k, s in enumerate(seqs):
+                s.next_mask = lambda k=k: mask(k)
 
     def _time_token(self, req: Request, seq: Sequence, now: float) -> None:
         self.stats.generation_tokens += 1

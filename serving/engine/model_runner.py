@@ -132,7 +132,8 @@ class ModelRunner:
         samples: dict[int, Sample] = {}
         if sampling:
             sample_rows = [SampleRow(s.seq.request.params, s.seq.request.prompt_token_ids, s.seq.output_ids,
-                                     self.stop_ids_for(s.seq), s.seq.generator, s.seq.matcher)
+                                     self.stop_ids_for(s.seq), s.seq.generator, s.seq.matcher,
+                                     s.seq.next_mask)
                            for s in sampling]
             for s, out in zip(sampling, sample(logits[:len(sampling)], sample_rows, self.decode_token)):
                 samples[s.seq.seq_id] = out

@@ -8,6 +8,7 @@ tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ class SampleRow:
     banned_ids: list[int]  # stop ids while fewer than min_tokens are out
     generator: torch.Generator | None
     matcher: object | None = None  # structured output: only the tokens it allows may be drawn
+    next_mask: Callable[[], torch.Tensor] | None = None  # the matcher's mask, if computed ahead
 
 
 @dataclass
@@ -106,7 +108,8 @@ def sample(logits_BV: torch.Tensor, rows: list[SampleRow], decode=lambda t: None
         if r.banned_ids:
             logits[i, r.banned_ids] = float("-inf")
         if r.matcher is not None:
-            logits[i].masked_fill_(~allowed_tokens(r.matcher, logits.shape[-1]), float("-inf"))
+            allowed = r.next_mask() if r.next_mask is not None else allowed_tokens(r.matcher, logits.shape[-1])
+            logits[i].masked_fill_(~allowed, float("-inf"))
     _apply_penalties(logits, rows)
     tokens = logits.argmax(-1)
     random = [i for i, r in enumerate(rows) if not r.params.greedy]

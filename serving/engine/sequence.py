@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +38,7 @@ class Sequence:
         self.num_preemptions = 0
         self.prefix_checked = False
         self.matcher = None  # llguidance matcher of a structured-output request (engine-owned)
+        self.next_mask: Callable[[], torch.Tensor] | None = None  # its next-token mask, computing ahead
         params = request.params
         self.generator: torch.Generator | None = None
         if params.seed is not None and not params.greedy:

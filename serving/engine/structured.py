@@ -10,6 +10,8 @@ Only rows that carry a grammar pay for a mask; the rest of the batch is untouche
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -58,6 +60,7 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int) -> None:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._lltok = None
+        self._executor = self._pool = None  # made on first use
 
     def _ll_tokenizer(self):
         if self._lltok is None:
@@ -89,11 +92,34 @@ class Grammars:
         return m
 
 
+    def prefetch(self, matchers: list) -> Callable[[int], torch.Tensor]:
+        """Starts computing the next-token masks of these matchers in the background (llguidance's
+        thread pool, with the GIL released), so that they are ready by the time the next step's
+        logits are: mask cost hides behind the forward pass. Returns mask(k) -> (V,) bool, which
+        waits for the k-th. A matcher must not advance until its mask has been read."""
+        import llguidance
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="herd-masks")
+        words = -(-self.vocab_size // 32)
+        buf = torch.zeros(len(matchers), words, dtype=torch.int32)
+        job = self._pool.submit(self._executor.unsafe_compute_mask_ptr, [(m, k) for k, m in enumerate(matchers)],
+                                buf.data_ptr(), words * 4, len(matchers))
+
+        def mask(k: int) -> torch.Tensor:
+            job.result()
+            return _unpack(buf[k], self.vocab_size)
+        return mask
+
+
 _BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _unpack(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return ((words[:, None] >> _BITS) & 1).flatten()[:vocab_size].bool()
 
 
 def allowed_tokens(matcher, vocab_size: int) -> torch.Tensor:
     """(V,) bool: the tokens the matcher accepts next."""
-    words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-    bits = (words[:, None] >> _BITS) & 1
-    return bits.flatten()[:vocab_size].bool()
+    return _unpack(torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32), vocab_size)

@@ -15,10 +15,10 @@ from serving.engine import EngineConfig, LLMEngine
 from serving.engine.async_engine import AsyncEngine
 
 
-def async_engine(loaded, **overrides) -> AsyncEngine:
+def async_engine(loaded, inline: bool = False, **overrides) -> AsyncEngine:
     cfg = dict(num_kv_blocks=256, block_size=16, max_model_len=1024, max_num_batched_tokens=512)
     cfg.update(overrides)
-    return AsyncEngine(LLMEngine(loaded, EngineConfig(model=str(loaded.path), **cfg)))
+    return AsyncEngine(LLMEngine(loaded, EngineConfig(model=str(loaded.path), **cfg)), inline=inline)
 
 
 class HttpServer:

@@ -184,3 +184,24 @@ def test_cancel_stops_feeding_and_aborts_in_flight(engine, mixed_file, tmp_path)
     assert 5 <= counts.completed < 190
     assert len(read_lines(out)) == counts.completed + counts.failed
     wait_idle(engine, timeout=5)  # the aborted requests freed their blocks
+
+
+def test_inline_engine_steps_on_the_callers_loop_with_the_same_results(default_fp32, engine, mixed_file, tmp_path):
+    """herd batch's engine front: no engine thread; the same lines come out as with the threaded one."""
+    path, valid, _ = mixed_file
+    inline = async_engine(default_fp32, served_model_name=DEFAULT, inline=True)
+    try:
+        asyncio.run(run_batch(inline, path, tmp_path / "inline.jsonl", max_in_flight=64, progress=False))
+        asyncio.run(run_batch(engine, path, tmp_path / "threaded.jsonl", max_in_flight=64, progress=False))
+    finally:
+        inline.shutdown()
+    assert inline._thread is None
+
+    def split(name):
+        lines = read_lines(tmp_path / name)
+        return ({r["custom_id"]: r["response"]["body"] for r in lines if r["error"] is None},
+                {r["error"]["line"]: r["error"]["message"] for r in lines if r["error"] is not None})
+    (got, got_errors), (want, want_errors) = split("inline.jsonl"), split("threaded.jsonl")
+    assert got.keys() == want.keys() == valid.keys() and got_errors == want_errors
+    for cid in valid:
+        same(strip_ids(got[cid]), strip_ids(want[cid]), cid)
