@@ -6,8 +6,8 @@ fails at once with its ParamError.
 
 `inline=True` runs the step loop as a task on the caller's event loop instead, for offline
 batch, where that loop has nothing else to do: with one thread there is no GIL hand-off between
-the loop and the engine in every step (with a thread, `herd batch` reached 0.81 of the engine's
-offline throughput on 2 cores). A step then blocks the loop while it runs.
+the loop and the engine in every step (`herd batch` on 2 cores: 0.81 of the
+engine's offline throughput with a thread, 0.97 inline; benchmarks/results/*-batch-*). A step then blocks the loop while it runs.
 """
 
 from __future__ import annotations
