@@ -17,7 +17,7 @@ from serving.engine.stats import EngineStats, ReplicaState
 
 class EngineClient(Protocol):
     tokenizer: Tokenizer
-    tool_call_parser: str | None  # may be absent: the chat template decides (serving/api/tool_parsers.py)
+    tool_call_parser: str | None  # None: the chat template decides (serving/api/tool_parsers.py)
 
     def models(self) -> list[ModelCard]: ...
 

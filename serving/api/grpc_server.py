@@ -70,7 +70,7 @@ class HerdService(pb_grpc.HerdServicer):
             messages.append(msg)
         add_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
         try:
-            tools = chat_tools(request, client.tokenizer.chat_template, getattr(client, "tool_call_parser", None))
+            tools = chat_tools(request, client.tokenizer.chat_template, client.tool_call_parser)
             structured = chat_structured(request, tools)
         except ParamError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -86,7 +86,7 @@ def start_completion(client: EngineClient, body: CompletionRequest) -> Call:
 
 def start_chat(client: EngineClient, body: ChatCompletionRequest) -> Call:
     tok = client.tokenizer
-    tools = _params(lambda: body.chat_tools(tok.chat_template, getattr(client, "tool_call_parser", None)))
+    tools = _params(lambda: body.chat_tools(tok.chat_template, client.tool_call_parser))
     params = _params(lambda: body.to_sampling_params(tools))
     messages, template_tools = tools.render(body.template_messages()) if tools else (body.template_messages(), None)
     try:

@@ -14,6 +14,13 @@ from typing import IO, Any
 PURPOSES = ("batch", "batch_output", "user_data")
 
 
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Whole or not at all: a reader (or a restart after a crash) never sees half a record."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 class FileStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root) / "files"
@@ -45,9 +52,7 @@ class FileStore:
         obj = {"id": file_id, "object": "file", "bytes": path.stat().st_size, "created_at": int(time.time()),
                "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
                "expires_at": None}
-        tmp = self.root / f"{file_id}.json.tmp"
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, self.root / f"{file_id}.json")
+        write_json(self.root / f"{file_id}.json", obj)
         return obj
 
     def get(self, file_id: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.api.engine_client import EngineClient
-from serving.batch.files import FileStore
+from serving.batch.files import FileStore, write_json
 from serving.batch.runner import BatchCounts, run_batch
 
 log = logging.getLogger("herd.batch")
@@ -41,9 +40,7 @@ class BatchJobs:
         return self.root / f"{batch_id}.json"
 
     def _save(self, rec: dict[str, Any]) -> None:
-        tmp = self.root / f"{rec['id']}.json.tmp"
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, self._path(rec["id"]))
+        write_json(self._path(rec["id"]), rec)
 
     def _load(self, batch_id: str) -> dict[str, Any]:
         if batch_id in self.live:

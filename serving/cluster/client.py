@@ -24,6 +24,8 @@ log = logging.getLogger("herd.cluster")
 
 
 class ClusterClient:
+    tool_call_parser: str | None = None  # how the gateway reads tool calls (None: from the chat template)
+
     def __init__(self, replicas: list[Replica], tokenizer: Tokenizer, router: Router | None = None,
                  make_replica: Callable[[], Replica] | None = None) -> None:
         """`make_replica` rebuilds a replica whose actor died (None: it stays out of rotation)."""

@@ -30,6 +30,8 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
+    tool_call_parser: str | None = None  # how the gateway reads tool calls (None: from the chat template)
+
     def __init__(self, engine: LLMEngine, inline: bool = False) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
