@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels run on CPU only in Triton's interpreter, which must be chosen before triton is
+# imported; kernel tests then force the Triton path with HERD_KERNELS=triton (see `triton_kernels`).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.parity import tiny_checkpoints as tiny
 
@@ -27,3 +35,15 @@ def tiny_llama4(tiny_llama4_dir):
     from models.llama4 import load_model
 
     return load_model(tiny_llama4_dir, dtype="float32")
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Kernel wrappers run their Triton implementation (interpreted on CPU) for this test."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("HERD_KERNELS", "triton")
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    monkeypatch.setenv("HERD_KERNELS", "reference")
