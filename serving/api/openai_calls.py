@@ -4,6 +4,7 @@ body is exactly what the HTTP API returns for the same request."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class Call:
     streams: list[AsyncIterator[RequestOutput]]
     shape: CompletionShape | ChatShape
     param_alias: dict[str, str] | None = None  # engine param name -> the body's field
+    engine_seconds: float | None = None  # results(): from submitting to the last output
 
     def chunks(self) -> AsyncIterator[dict[str, Any]]:
         if isinstance(self.shape, ChatShape):
@@ -41,6 +43,7 @@ class Call:
     async def results(self) -> list[RequestOutput]:
         """Every prompt's merged output; engine refusals become ApiErrors."""
         results: list[RequestOutput | None] = [None] * len(self.streams)
+        start = time.perf_counter()
         try:
             async for i, out in fan_in(self.streams):
                 if results[i] is None:
@@ -51,6 +54,7 @@ class Call:
             raise api_error(e, self.param_alias) from None
         except EngineDeadError as e:
             raise ApiError(503, str(e), "service_unavailable") from None
+        self.engine_seconds = time.perf_counter() - start
         return results
 
     async def run(self) -> dict[str, Any]:

@@ -125,7 +125,9 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
 async def _respond(call: Call, stream: bool, request: Request):
     if stream:
         return await _sse(call.chunks(), call.param_alias)
-    return await _until_disconnect(request, call.run())
+    body = await _until_disconnect(request, call.run())
+    # Server-Timing: how long the engine took, so a client can tell it from the gateway's share.
+    return JSONResponse(body, headers={"Server-Timing": f"engine;dur={call.engine_seconds * 1e3:.3f}"})
 
 
 async def _until_disconnect(request: Request, work):
