@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -52,6 +53,15 @@ def test_chat(client):
     assert r.choices[0].finish_reason in ("stop", "length") and r.object == "chat.completion"
     assert r.usage.prompt_tokens > 10 and r.usage.completion_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_server_timing_reports_the_engine_time(server):
+    t0 = time.perf_counter()
+    r = httpx.post(server.url + "/v1/completions", json={"model": DEFAULT, "prompt": "Hi", "max_tokens": 3})
+    total_ms = (time.perf_counter() - t0) * 1e3
+    assert r.status_code == 200
+    name, dur = r.headers["server-timing"].split(";dur=")
+    assert name == "engine" and 0 < float(dur) < total_ms
 
 
 def test_chat_parts_developer_role_and_max_completion_tokens(client):
