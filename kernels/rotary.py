@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from kernels.dispatch import use_triton
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) in fp32; `scaling` has the llama3 fields."""
@@ -43,10 +45,39 @@ def apply_rotary_reference(q_THd, k_TKd, positions_T, inv_freq, interleaved):
 
 def apply_rotary(q_THd: torch.Tensor, k_TKd: torch.Tensor, positions_T: torch.Tensor,
                  inv_freq: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotates q (T, H, d) and k (T, K, d) by the angle of each token's absolute position."""
+    """Rotates q (T, H, d) and k (T, K, d) by the angle of each token's absolute position.
+
+    Use the returned tensors: the Triton path rotates q and k in place (and returns them) unless
+    autograd records the op, the reference returns new tensors.
+    """
+    for name, t in (("q_THd", q_THd), ("k_TKd", k_TKd)):
+        if t.dim() != 3:
+            raise ValueError(f"apply_rotary: {name} has shape {tuple(t.shape)}, expected 3 dims (T, heads, d)")
+        if not t.is_floating_point():
+            raise ValueError(f"apply_rotary: {name} has dtype {t.dtype}, expected a floating dtype")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"apply_rotary: {name} has strides {t.stride()}; its last dim must be contiguous")
+    if k_TKd.dtype != q_THd.dtype:
+        raise ValueError(f"apply_rotary: k_TKd has dtype {k_TKd.dtype}, q_THd {q_THd.dtype}")
+    if k_TKd.shape[-1] != q_THd.shape[-1]:
+        raise ValueError(f"apply_rotary: k_TKd head_dim {k_TKd.shape[-1]} != q_THd head_dim {q_THd.shape[-1]}")
+    if q_THd.shape[-1] % 2:
+        raise ValueError(f"apply_rotary: q_THd head_dim {q_THd.shape[-1]} is odd")
+    if positions_T.dim() != 1 or positions_T.is_floating_point() or positions_T.is_complex():
+        raise ValueError(f"apply_rotary: positions_T must be a 1-d integer tensor, got {positions_T.dtype} "
+                         f"{tuple(positions_T.shape)}")
     if q_THd.shape[0] != positions_T.shape[0] or k_TKd.shape[0] != positions_T.shape[0]:
-        raise ValueError(f"apply_rotary: {positions_T.shape[0]} positions for q {tuple(q_THd.shape)},"
-                         f" k {tuple(k_TKd.shape)}")
+        raise ValueError(f"apply_rotary: {positions_T.shape[0]} positions_T for q_THd {tuple(q_THd.shape)},"
+                         f" k_TKd {tuple(k_TKd.shape)}")
+    if inv_freq.dim() != 1 or inv_freq.dtype != torch.float32:
+        raise ValueError(f"apply_rotary: inv_freq must be 1-d float32, got {inv_freq.dtype} {tuple(inv_freq.shape)}")
     if inv_freq.shape[0] * 2 != q_THd.shape[-1]:
         raise ValueError(f"apply_rotary: inv_freq {inv_freq.shape[0]} for head_dim {q_THd.shape[-1]}")
+    for name, t in (("k_TKd", k_TKd), ("positions_T", positions_T), ("inv_freq", inv_freq)):
+        if t.device != q_THd.device:
+            raise ValueError(f"apply_rotary: {name} is on {t.device}, q_THd on {q_THd.device}")
+    if use_triton(q_THd, k_TKd, positions_T, inv_freq):
+        from kernels.rotary_triton import apply_rotary_triton
+
+        return apply_rotary_triton(q_THd, k_TKd, positions_T, inv_freq.contiguous(), interleaved)
     return apply_rotary_reference(q_THd, k_TKd, positions_T, inv_freq, interleaved)
