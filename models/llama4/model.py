@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import apply_rotary, moe_experts, rms_norm, rope_inv_freq, silu_and_mul
+from kernels import apply_rotary, moe_experts, moe_route, rms_norm, rope_inv_freq, silu_and_mul
 from models.llama4.attention import AttentionContext
 from models.llama4.config import ModelConfig
 
@@ -52,11 +52,10 @@ class MoE(nn.Module):
         self.shared_expert = MLP(D, I)
 
     def forward(self, x_TD):
-        logits_TE = self.router(x_TD)
-        top_logits_TK, top_ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
-        scores_TK = torch.sigmoid(top_logits_TK.float()).to(x_TD.dtype)
-        routed_TD = moe_experts(x_TD, top_ids_TK, scores_TK, self.experts_gate_up, self.experts_down)
-        return self.shared_expert(x_TD) + routed_TD
+        scores_TK, top_ids_TK = moe_route(self.router(x_TD), self.top_k)
+        # The shared expert's output is added where the routed outputs are summed back per token.
+        return moe_experts(x_TD, top_ids_TK, scores_TK, self.experts_gate_up, self.experts_down,
+                           shared_TD=self.shared_expert(x_TD))
 
 
 class Attention(nn.Module):

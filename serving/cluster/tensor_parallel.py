@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import moe_experts
+from kernels import moe_experts, moe_route
 from models.llama4.model import MLP, Attention, Llama4Model, MoE
 
 
@@ -90,15 +90,12 @@ class ExpertParallelMoE(MoE):
         self.shared_expert = moe.shared_expert  # sharded by the caller; its down_proj sums below
 
     def forward(self, x_TD):
-        logits_TE = self.router(x_TD)
-        top_logits_TK, top_ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
-        scores_TK = torch.sigmoid(top_logits_TK.float()).to(x_TD.dtype)
+        scores_TK, top_ids_TK = moe_route(self.router(x_TD), self.top_k)
         local_TK = top_ids_TK - self.first
         mine_TK = (local_TK >= 0) & (local_TK < self.num_local)
         # Another rank's expert: a zero score zeroes its input, so it adds nothing here.
         y_TD = moe_experts(x_TD, torch.where(mine_TK, local_TK, 0), scores_TK * mine_TK.to(scores_TK.dtype),
-                           self.experts_gate_up, self.experts_down)
-        y_TD = y_TD + self.shared_expert(x_TD)
+                           self.experts_gate_up, self.experts_down, shared_TD=self.shared_expert(x_TD))
         dist.all_reduce(y_TD, group=self.group)
         return y_TD
 
