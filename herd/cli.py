@@ -12,6 +12,7 @@ COMMANDS = {
     "serve": ("herd.serve_cmd", "serve a model over OpenAI-compatible HTTP and gRPC"),
     "batch": ("herd.batch_cmd", "run an OpenAI Batch file (JSONL) of requests, resumably"),
     "generate": ("herd.generate_cmd", "generate text from a prompt on one model, in-process"),
+    "train": ("herd.train_cmd", "train or fine-tune a model from a config (YAML or Python)"),
 }
 
 
