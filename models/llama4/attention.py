@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import use_triton
+
 
 class AttentionContext(ABC):
     """How the tokens of one forward pass attend: their sequences and their past K/V."""
@@ -93,8 +95,9 @@ class DenseAttention(AttentionContext):
     """A flat batch of whole sequences laid end to end, each with an optional KVCache.
 
     Without caches this is plain (packed) causal attention, e.g. a prefill or a training
-    step whose documents are the sequences. With caches, each sequence's new tokens attend to
-    everything stored for it so far.
+    step whose documents are the sequences (each at positions 0..n-1); where the Triton kernels
+    run, that is one varlen flash-attention launch for the whole batch. With caches, each
+    sequence's new tokens attend to everything stored for it so far.
     """
 
     def __init__(self, seq_lens: list[int], positions_T: torch.Tensor,
@@ -109,6 +112,14 @@ class DenseAttention(AttentionContext):
         self.caches = caches
 
     def attend(self, layer, q_THd, k_TKd, v_TKd, chunk_size, scale):
+        if self.caches is None and use_triton(q_THd):
+            from kernels.flash_attention import flash_attention
+
+            cu = torch.tensor([0, *torch.tensor(self.seq_lens).cumsum(0).tolist()], dtype=torch.int32,
+                              device=q_THd.device)
+            longest = max(self.seq_lens)
+            return flash_attention(q_THd, k_TKd, v_TKd, cu, cu, scale, causal=True, chunk_size=chunk_size,
+                                   max_seqlen_q=longest, max_seqlen_k=longest)
         if len(self.seq_lens) == 1 and self.caches is None:
             pos = self.positions
             return attend_dense(q_THd, k_TKd, v_TKd, pos, pos, chunk_size, scale)

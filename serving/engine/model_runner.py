@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.dispatch import use_triton
 from models.llama4.model import Llama4Model
 from serving.engine.outputs import PositionLogprobs
 from serving.engine.paged_attention import PagedAttention, SeqSlice
@@ -115,9 +116,15 @@ class ModelRunner:
         parallelism every rank runs this with the same step (it holds the collectives)."""
         dev = self.device
         positions_T = torch.tensor(step.positions, device=dev)
-        attn = PagedAttention(self.k_caches, self.v_caches, self.block_size, step.slices, positions_T,
-                              self.pad_block)
-        decode = attn.decode_only(self.chunk_sizes, self.dtype)
+        if use_triton(positions_T):  # the Triton kernels of kernels/ (CUDA, or interpreted in tests)
+            from serving.engine.kernel_attention import KernelPagedAttention
+
+            attn, decode = KernelPagedAttention(self.k_caches, self.v_caches, self.block_size, step.slices,
+                                                positions_T), None
+        else:
+            attn = PagedAttention(self.k_caches, self.v_caches, self.block_size, step.slices, positions_T,
+                                  self.pad_block)
+            decode = attn.decode_only(self.chunk_sizes, self.dtype)
         forward = self.model.forward if decode is None else self.decode_forward
         hidden_TD = forward(torch.tensor(step.ids, device=dev), positions_T, decode or attn)
         if not step.logit_rows:
