@@ -15,6 +15,9 @@ def moe_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_d
     flat_ids = topk_ids_TK.flatten()
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=E).tolist()
+    # Views of each expert taken once: indexing w[e] per expert would make its backward build a
+    # full (E, ...) zero gradient for every expert; unbind's backward stacks them once.
+    gate_ups, downs = w_gate_up_EDF.unbind(0), w_down_EID.unbind(0)
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
@@ -24,7 +27,7 @@ def moe_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EDF, w_d
         tokens = pairs // K
         # Llama 4 scales the expert's INPUT by the router score (no renormalisation).
         x_in = x_TD[tokens] * topk_weights_TK.flatten()[pairs, None].to(x_TD.dtype)
-        y = silu_and_mul(x_in @ w_gate_up_EDF[e]) @ w_down_EID[e]
+        y = silu_and_mul(x_in @ gate_ups[e]) @ downs[e]
         out_TD.index_add_(0, tokens, y)
     return out_TD if shared_TD is None else out_TD + shared_TD
 
