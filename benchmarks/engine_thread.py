@@ -12,6 +12,7 @@ event loop's (main) thread (serving/engine/async_engine.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import threading
@@ -31,7 +32,7 @@ def median_itl_ms(engine: LLMEngine, rid: str) -> float:
     while engine.has_unfinished():
         for _ in engine.step():
             stamps.append(time.perf_counter())
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1e3
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps)) * 1e3
 
 
 def main() -> None:
