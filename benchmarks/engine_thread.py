@@ -2,16 +2,19 @@
 (64 tokens, the default model, bf16, compiled decode) stepped on the main thread, then on a new
 thread, then on the main thread again, in one process.
 
-    .venv/bin/python benchmarks/engine_thread.py [--repeats 3] [--no-compile]
+    .venv/bin/python benchmarks/engine_thread.py [--repeats 3] [--no-compile] [--load-in-worker]
 
-Measured on the 2-core Xeon (2026-11-29): main 34.0 / 33.9 ms, new thread 60.5 / 61.3 / 58.0 ms,
-main again 38.0 / 32.5 / 30.6 ms: why `herd serve` and `herd batch` step the engine on their
-event loop's (main) thread (serving/engine/async_engine.py).
+Measured on the 2-core Xeon (2026-11-29), model loaded on the main thread: main 34.0 / 33.9 ms,
+new thread 60.5 / 61.3 / 58.0 ms, main again 38.0 / 32.5 / 30.6 ms. With --load-in-worker (the model
+loaded and compiled in a worker thread, as `herd serve` does so that /health answers while it
+loads): main 60.2 / 56.3 / 60.9, the worker 62.4 / 55.5 / 56.7, main again 57.6 / 55.6 / 55.5 - every
+thread is slow. Not yet explained; it is most of herd serve's concurrency-1 TPOT gap to vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import statistics
 import sys
@@ -39,9 +42,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--load-in-worker", action="store_true", help="load the model in a worker thread")
     args = ap.parse_args()
-    engine = LLMEngine.from_config(EngineConfig(dtype="bfloat16", max_model_len=1024, memory_utilization=0.3,
-                                                compile=not args.no_compile))
+    config = EngineConfig(dtype="bfloat16", max_model_len=1024, memory_utilization=0.3, compile=not args.no_compile)
+    if args.load_in_worker:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            engine = pool.submit(LLMEngine.from_config, config).result()
+    else:
+        engine = LLMEngine.from_config(config)
 
     def run(label: str) -> None:
         print(label, [round(median_itl_ms(engine, f"{label}{i}"), 1) for i in range(args.repeats)], "ms", flush=True)

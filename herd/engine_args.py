@@ -97,7 +97,7 @@ def validate(args: argparse.Namespace):
 
 def make_client(args: argparse.Namespace, config, inline: bool = False):
     """The engine client the options ask for (loads the model; call it off the event loop).
-    `inline`: an in-process engine steps on the caller's event loop (see AsyncEngine)."""
+    `inline`: an in-process engine steps on the caller's event loop (offline batch)."""
     policy = scale_policy(args)
     if policy.max_replicas > 1 or args.tensor_parallel_size > 1 or args.ray_address:
         client = make_cluster_client(args, config, policy)

@@ -30,10 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where /v1/files and /v1/batches keep their files and batch records "
                         "(default: $HERD_FILES_DIR or ~/.cache/herd/files)")
     p.add_argument("--max-file-bytes", type=int, default=512 * 2**20, help="largest file /v1/files accepts")
-    p.add_argument("--engine-thread", action="store_true",
-                   help="step the in-process engine in its own thread, so the event loop answers during "
-                        "long steps (default: steps run on the event loop, between which HTTP and gRPC work "
-                        "is done; on CPU a torch step off the main thread measured ~1.7x slower)")
     add_cluster_arguments(p)
     add_engine_arguments(p)
 
@@ -57,4 +53,4 @@ def run(args: argparse.Namespace) -> int:
     # so that the drain below finishes and the exit code is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    return asyncio.run(run_gateway(lambda: make_client(args, config, inline=not args.engine_thread), cfg, ready))
+    return asyncio.run(run_gateway(lambda: make_client(args, config), cfg, ready))

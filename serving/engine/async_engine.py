@@ -4,13 +4,11 @@ Everything that touches the scheduler happens on the engine thread (requests and
 queued to it); validation and tokenisation happen on the caller's side so that a bad request
 fails at once with its ParamError.
 
-`inline=True` runs the step loop as a task on the caller's event loop instead: `herd batch` and,
-by default, `herd serve` (its HTTP and gRPC servers share that one loop). A torch step off the
-main thread measured ~1.7x slower on this 2-core CPU (34 vs 58 ms per decode step of the default
-model, compiled; only the thread differs: benchmarks/engine_thread.py), and one thread also saves
-the GIL hand-off between the loop and the engine (`herd batch`: 0.81 of the engine's offline
-throughput with a thread, 0.97 inline; benchmarks/results/*-batch-*). The cost: a step blocks the
-loop while it runs, so a request arriving meanwhile is read when the step ends.
+`inline=True` runs the step loop as a task on the caller's event loop instead, for offline
+batch, where that loop has nothing else to do: with one thread there is no GIL hand-off between
+the loop and the engine in every step (`herd batch` on 2 cores: 0.81 of the engine's offline
+throughput with a thread, 0.97 inline; benchmarks/results/*-batch-*). A step then blocks the loop
+while it runs. Which thread steps matters on CPU too: benchmarks/engine_thread.py.
 """
 
 from __future__ import annotations
