@@ -106,7 +106,7 @@ def main() -> None:
             times = fn()
         rows.append({"path": name, **percentiles(times), "other_cores_busy": t.other_cores,
                      "other_cores_before": quiet, "_times": times})
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "_times"}, flush=True)
 
     measure("in-process AsyncEngine", lambda: in_process(args.requests, args.warmup))
     server = Server("herd", args.port, MAX_MODEL_LEN, HERE / "work/serve" / stamp / "herd-overhead.log")
