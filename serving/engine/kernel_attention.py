@@ -13,14 +13,7 @@ import torch
 from kernels.flash_attention import flash_attention
 from kernels.paged_attention import paged_decode_attention
 from models.llama4.attention import AttentionContext
-from serving.engine.paged_attention import SeqSlice
-
-
-def _slots(s: SeqSlice, start: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """Cache slots of the sequence's positions start..context_len-1."""
-    pos = torch.arange(start, s.context_len, device=device)
-    table = torch.tensor(s.block_table, dtype=torch.long, device=device)
-    return table[pos // block_size] * block_size + pos % block_size
+from serving.engine.paged_attention import SeqSlice, cache_slots
 
 
 def _cu_seqlens(lens: list[int], device: torch.device) -> torch.Tensor:
@@ -32,7 +25,7 @@ class KernelPagedAttention(AttentionContext):
                  seqs: list[SeqSlice], positions_T: torch.Tensor) -> None:
         dev = positions_T.device
         self.k_caches, self.v_caches = k_caches, v_caches
-        self.slot_mapping = torch.cat([_slots(s, s.context_len - s.q_len, block_size, dev) for s in seqs])
+        self.slot_mapping = torch.cat([cache_slots(s, s.context_len - s.q_len, block_size, dev) for s in seqs])
         decodes = [s for s in seqs if s.q_len == 1]
         prefills = [s for s in seqs if s.q_len > 1]
         self.decode_rows = torch.tensor([s.q_start for s in decodes], dtype=torch.long, device=dev)
@@ -44,7 +37,7 @@ class KernelPagedAttention(AttentionContext):
         self.prefill_rows = torch.cat([torch.arange(s.q_start, s.q_start + s.q_len, device=dev)
                                        for s in prefills]) if prefills else None
         if prefills:
-            self.context_slots = torch.cat([_slots(s, 0, block_size, dev) for s in prefills])
+            self.context_slots = torch.cat([cache_slots(s, 0, block_size, dev) for s in prefills])
             self.cu_q = _cu_seqlens([s.q_len for s in prefills], dev)
             self.cu_k = _cu_seqlens([s.context_len for s in prefills], dev)
             self.max_q = max(s.q_len for s in prefills)  # known here: the kernel needn't read cu_* back

@@ -30,6 +30,13 @@ class SeqSlice:
     block_table: list[int]
 
 
+def cache_slots(s: SeqSlice, start: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """Flat cache slots (block * block_size + offset) of the sequence's positions start..context_len-1."""
+    pos = torch.arange(start, s.context_len, device=device)
+    table = torch.tensor(s.block_table, dtype=torch.long, device=device)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
 class PagedAttention(AttentionContext):
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], block_size: int,
                  seqs: list[SeqSlice], positions_T: torch.Tensor, pad_block: int) -> None:
@@ -40,8 +47,7 @@ class PagedAttention(AttentionContext):
         self.block_size = block_size
 
         def slots(s: SeqSlice, start: int) -> torch.Tensor:
-            pos = torch.arange(start, s.context_len, device=dev)
-            return torch.tensor(s.block_table, dtype=torch.long, device=dev)[pos // bs] * bs + pos % bs
+            return cache_slots(s, start, bs, dev)
 
         self.slot_mapping = torch.cat([slots(s, s.context_len - s.q_len) for s in seqs])
         decodes = [s for s in seqs if s.q_len == 1 and s.context_len > 1]
