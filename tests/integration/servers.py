@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from serving.api.admission import Admission
@@ -70,3 +73,23 @@ def wait_idle(engine: AsyncEngine, timeout: float = 1.0) -> None:
         time.sleep(0.02)
     raise AssertionError(f"engine not idle: running={len(eng.scheduler.running)} "
                          f"free={eng.blocks.num_free_blocks}/{eng.blocks.num_blocks}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Polls `url`/health until 200; fails with the process's output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, (proc.stdout or proc.stderr).read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.1)

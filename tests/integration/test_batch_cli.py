@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
+
+from tests.integration.servers import free_port, wait_healthy
 
 TINY = ["--dtype", "float32", "--max-model-len", "256"]
 
@@ -77,30 +77,15 @@ def test_replicas_spread_the_file_and_keep_the_guarantees(tmp_path, tiny_llama4_
         assert json.loads(line)["response"]["body"]["usage"]["completion_tokens"] == 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, model: Path, files_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "herd", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--grpc-port", "-1", "--model", str(model), *TINY, "--max-num-seqs", "2",
              "--files-dir", str(files_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        wait_healthy(self.proc, self.url, 180)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0)
 
     def kill(self) -> None:

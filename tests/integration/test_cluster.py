@@ -23,7 +23,7 @@ from serving.cluster.router import Router
 from serving.engine import EngineConfig, SamplingParams
 from serving.engine.async_engine import EngineDeadError
 from serving.engine.sampling_params import ParamError
-from tests.integration.test_serve_lifecycle import _free_port
+from tests.integration.servers import free_port, wait_healthy
 
 
 def test_router_keeps_a_prefix_on_one_replica_and_spreads_the_rest():
@@ -219,23 +219,14 @@ def _kill_a_replica_under_openai_load(client, model, url, server_pid):
 
 
 def test_herd_serve_two_replicas_with_the_openai_client(tiny_llama4_dir):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", str(tiny_llama4_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "-1",
                              "--replicas", "2", "--dtype", "float32", "--max-model-len", "128"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        wait_healthy(proc, url, 240)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         model = client.models.list().data[0].id
         r = client.completions.create(model=model, prompt="abc", max_tokens=5, temperature=0,

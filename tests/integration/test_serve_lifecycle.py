@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,16 +14,11 @@ import openai
 
 from protos.herd.v1 import herd_pb2 as pb
 from protos.herd.v1 import herd_pb2_grpc as pb_grpc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.integration.servers import free_port
 
 
 def test_sigterm_finishes_in_flight_then_exits_zero():
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--grpc-port", str(grpc_port), "--max-num-batched-tokens", "256",
                              "--max-model-len", "1024"],

@@ -10,7 +10,6 @@ longer than a chunk).
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -173,13 +172,9 @@ def _worker(rank: int, world: int, port: int, cases: dict, batches, out: Path) -
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, cases: dict, setup, tmp: Path) -> dict:
+    from tests.integration.servers import free_port  # here, not at the top: every rank imports this module
+
     models, batches = setup
     out = tmp / f"results_{world}.pt"
     args = {name: (dp, tp, *models[tied]) for name, (dp, tp, tied) in cases.items()}
@@ -187,7 +182,7 @@ def _spawn(world: int, cases: dict, setup, tmp: Path) -> dict:
     # spawns: a spawned rank would spend seconds importing them again. (Python 3.11's fork server
     # ignores the parent's sys.path, so this module itself is imported by each rank.)
     mp.set_forkserver_preload(["torch.distributed.fsdp", "torch.distributed.tensor.parallel", "pytest"])
-    mp.start_processes(_worker, args=(world, _free_port(), args, batches, out), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), args, batches, out), nprocs=world,
                        start_method="forkserver")
     return torch.load(out)
 

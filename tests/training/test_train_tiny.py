@@ -4,14 +4,13 @@ leaves its records, and the export is the same model in transformers and is serv
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from tests.integration.servers import free_port, wait_healthy
 from tests.training.conftest import run_config
 from training.config import TrainConfig
 from training.records import read_metrics
@@ -75,34 +74,18 @@ def test_export_loads_in_transformers_with_our_logits(trained):
     torch.testing.assert_close(theirs, exported, atol=1e-4, rtol=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_and_chat(model_dir, message: str, timeout: float = 180) -> str:
     """Starts `herd serve --model model_dir`, sends one chat request with the openai client, stops it."""
-    import httpx
     import openai
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                              "--port", str(port), "--grpc-port", "-1", "--max-model-len", "512",
                              "--max-num-batched-tokens", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "herd serve did not become ready"
-            time.sleep(0.2)
+        wait_healthy(proc, url, timeout)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         model_id = client.models.list().data[0].id
         reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": message}],
