@@ -4,11 +4,14 @@ thread, then on the main thread again, in one process.
 
     .venv/bin/python benchmarks/engine_thread.py [--repeats 3] [--no-compile] [--load-in-worker]
 
-Measured on the 2-core Xeon (2026-11-29), model loaded on the main thread: main 34.0 / 33.9 ms,
-new thread 60.5 / 61.3 / 58.0 ms, main again 38.0 / 32.5 / 30.6 ms. With --load-in-worker (the model
-loaded and compiled in a worker thread, as `herd serve` does so that /health answers while it
-loads): main 60.2 / 56.3 / 60.9, the worker 62.4 / 55.5 / 56.7, main again 57.6 / 55.6 / 55.5 - every
-thread is slow. Not yet explained; it is most of herd serve's concurrency-1 TPOT gap to vLLM.
+Measured with this command on the 2-core Xeon (2026-11-29, 22:00): main 32.9 / 34.5 / 30.3 ms, new
+thread 54.0 / 48.6 / 42.0, main again 29.3 / 29.9 / 29.6. With --load-in-worker (loaded and compiled
+in a worker thread, as `herd serve` does so that /health answers while it loads): main 27.4 / 26.6 /
+26.4, new thread 43.0 / 48.9 / 48.2, main again 32.9 / 31.6 / 31.7. Stepping off the main thread is
+~1.5x slower either way. An earlier ad-hoc run with the model loaded in a worker measured ~57 ms on
+every thread; this command did not reproduce that. Yet `herd serve` stepping on its event loop
+(main thread) measured 50.3 ms TPOT vs 53.4 with its engine thread (results/2026-11-29-serve-chat-64x128-
+{inline-front,herd-compile}.md, vLLM 44.0 and 45.7 in the same runs): the serve gap is not explained.
 """
 
 from __future__ import annotations
