@@ -105,6 +105,6 @@ def make_client(args: argparse.Namespace, config, inline: bool = False):
         from serving.engine import LLMEngine
         from serving.engine.async_engine import AsyncEngine
 
-        client = AsyncEngine(LLMEngine.from_config(config), inline=inline)
+        client = AsyncEngine(lambda: LLMEngine.from_config(config), inline=inline)
     client.tool_call_parser = None if args.tool_call_parser == "auto" else args.tool_call_parser
     return client

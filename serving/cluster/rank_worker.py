@@ -1,6 +1,7 @@
 """One tensor-parallel rank of a replica, hosted by a Ray actor. Every rank holds its shard of
 the weights and of the KV cache; rank 0 also runs the engine (scheduler, sampling) and answers
-requests, the others follow its steps."""
+requests, the others follow its steps. Every torch call of a rank (loading, warm-up, steps) runs
+on its one compute thread (why: serving/engine/compute_thread.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from models.llama4 import load_model
 from serving.cluster.tensor_parallel import shard_model
 from serving.cluster.tp_runner import LeaderRunner, follow
 from serving.engine.async_engine import AsyncEngine, EngineDeadError
+from serving.engine.compute_thread import ComputeThread
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine, effective_max_model_len, resolve_model
 from serving.engine.memory import plan_kv_blocks
@@ -33,6 +35,7 @@ class RankWorker:
         self.engine: AsyncEngine | None = None  # rank 0's
         self._offline_ids = itertools.count()
         self.runner: ModelRunner | None = None
+        self._compute = ComputeThread(f"herd-rank{rank}")
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port, for the process group (asked of rank 0)."""
@@ -45,6 +48,9 @@ class RankWorker:
     def setup(self, host: str, port: int) -> int:
         """Joins the process group, reads this rank's shard, sizes the KV cache (the smallest any
         rank can hold); collective: every rank calls it at once. Returns the KV block count."""
+        return self._compute.call(self._setup, host, port)
+
+    def _setup(self, host: str, port: int) -> int:
         cfg = self.config
         backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
@@ -61,14 +67,18 @@ class RankWorker:
     def start_engine(self) -> None:
         """Rank 0: builds the engine (its warm-up already runs steps with the followers) and
         starts its step loop."""
-        self.engine = AsyncEngine(LLMEngine(self.loaded, self.config, runner_factory=LeaderRunner))
+        self.engine = AsyncEngine(lambda: LLMEngine(self.loaded, self.config, runner_factory=LeaderRunner),
+                                  compute=self._compute)
 
     async def follow(self) -> int:
         """Ranks > 0: run rank 0's steps until it stops; returns how many ran."""
+        return await asyncio.wrap_future(self._compute.submit(self._follow))
+
+    def _follow(self) -> int:
         cfg = self.config
         self.runner = ModelRunner(self.loaded.model, cfg.num_kv_blocks, cfg.block_size,
                                   stop_ids_for=lambda seq: (), compile=cfg.compile)
-        return await asyncio.to_thread(follow, self.runner)
+        return follow(self.runner)
 
     async def generate_stream(self, prompt, params: SamplingParams, request_id: str):
         """Rank 0: the request's delta outputs (a Ray streaming generator). A bad request's
@@ -114,3 +124,4 @@ class RankWorker:
             self.engine.shutdown()
             self.engine.engine.runner.release_followers()
         dist.destroy_process_group()
+        self._compute.close(timeout=30)

@@ -1,5 +1,8 @@
 """asyncio front of the engine: the step loop runs in its own thread; callers stream outputs.
 
+Given a factory instead of an engine, that thread builds the engine too, so that loading, warm-up
+and steps share one OpenMP team (why that matters: compute_thread.py).
+
 Everything that touches the scheduler happens on the engine thread (requests and aborts are
 queued to it); validation and tokenisation happen on the caller's side so that a bad request
 fails at once with its ParamError.
@@ -17,9 +20,10 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from serving.engine.compute_thread import ComputeThread
 from serving.engine.engine import LLMEngine, PromptInput
 from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
@@ -33,8 +37,10 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     tool_call_parser: str | None = None  # how the gateway reads tool calls (None: from the chat template)
 
-    def __init__(self, engine: LLMEngine, inline: bool = False) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], inline: bool = False,
+                 compute: ComputeThread | None = None) -> None:
+        """`engine`: an engine, or a factory that builds one on the thread that will step it.
+        `compute`: the thread to step on (default: a new one, closed by shutdown)."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -42,10 +48,19 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self.created = int(time.time())
         self._inline, self._pump_task = inline, None
-        self._thread = None
-        if not inline:
-            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
-            self._thread.start()
+        self._compute, self._owns_compute, self._looping = None, compute is None, None
+        build = (lambda: engine) if isinstance(engine, LLMEngine) else engine
+        if inline:
+            self.engine = build()
+            return
+        self._compute = compute or ComputeThread("herd-engine")
+        try:
+            self.engine = self._compute.call(build)
+        except BaseException:
+            if self._owns_compute:
+                self._compute.close()
+            raise
+        self._looping = self._compute.submit(self._loop)
 
     @property
     def tokenizer(self):
@@ -97,8 +112,13 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if self._looping is not None:
+            try:
+                self._looping.exception(timeout=30)
+            except TimeoutError:
+                pass
+            if self._owns_compute:
+                self._compute.close()
 
     # -- engine thread --------------------------------------------------------------------
 
