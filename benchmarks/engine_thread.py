@@ -1,38 +1,40 @@
-"""Does it matter which thread steps the engine? Median inter-token time of one greedy request
-(64 tokens, the default model, bf16, compiled decode) stepped on the main thread, then on a new
-thread, then on the main thread again, in one process.
+"""Does it matter which thread loads and steps the engine? Median inter-token time of one greedy
+request (64 tokens, the default model, bf16, compiled decode), each layout in its own process:
 
-    .venv/bin/python benchmarks/engine_thread.py [--repeats 3] [--no-compile] [--load-in-worker]
+  main        load and step on the main thread (LLM, herd batch)
+  split       load on the main thread, step on a new thread (herd serve before compute_thread.py)
+  one-thread  load and step on one worker thread, the main thread runs no torch op (herd serve now)
 
-Measured with this command on the 2-core Xeon (2026-11-29, 22:00): main 32.9 / 34.5 / 30.3 ms, new
-thread 54.0 / 48.6 / 42.0, main again 29.3 / 29.9 / 29.6. With --load-in-worker (loaded and compiled
-in a worker thread, as `herd serve` does so that /health answers while it loads): main 27.4 / 26.6 /
-26.4, new thread 43.0 / 48.9 / 48.2, main again 32.9 / 31.6 / 31.7. Stepping off the main thread is
-~1.5x slower either way. An earlier ad-hoc run with the model loaded in a worker measured ~57 ms on
-every thread; this command did not reproduce that. Yet `herd serve` stepping on its event loop
-(main thread) measured 50.3 ms TPOT vs 53.4 with its engine thread (results/2026-11-29-serve-chat-64x128-
-{inline-front,herd-compile}.md, vLLM 44.0 and 45.7 in the same runs): the serve gap is not explained.
+    .venv/bin/python benchmarks/engine_thread.py [--repeats 3] [--no-compile] [--layouts ...]
+
+Why they differ: libgomp gives each thread that starts a parallel region its own team, and once it
+manages more threads than there are cores it stops spinning idle workers (serving/engine/
+compute_thread.py). Measured on the 2-core Xeon: results/2026-11-29-engine-thread.md (split 1.8x
+slower than one-thread, compiled).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import itertools
+import json
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from serving.engine import EngineConfig, LLMEngine, SamplingParams
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 PROMPT = "Tell me a long story about a herd of llamas."
+LAYOUTS = ("main", "split", "one-thread")
 
 
-def median_itl_ms(engine: LLMEngine, rid: str) -> float:
+def median_itl_ms(engine, rid: str) -> float:
+    from serving.engine import SamplingParams
+
     engine.add_request(rid, {"prompt": PROMPT}, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
     stamps = []
     while engine.has_unfinished():
@@ -41,27 +43,54 @@ def median_itl_ms(engine: LLMEngine, rid: str) -> float:
     return statistics.median(b - a for a, b in itertools.pairwise(stamps)) * 1e3
 
 
+def measure(layout: str, repeats: int, compile: bool) -> list[float]:
+    """Runs in the child process: loads and steps as `layout` says."""
+    from serving.engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(dtype="bfloat16", max_model_len=1024, memory_utilization=0.3, compile=compile)
+    result: list[float] = []
+
+    def load():
+        return LLMEngine.from_config(config)
+
+    def steps(engine):
+        result.extend(round(median_itl_ms(engine, f"r{i}"), 1) for i in range(repeats))
+
+    def on_thread(fn):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+
+    if layout == "main":
+        steps(load())
+    elif layout == "split":
+        engine = load()
+        on_thread(lambda: steps(engine))
+    else:
+        on_thread(lambda: steps(load()))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--load-in-worker", action="store_true", help="load the model in a worker thread")
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    ap.add_argument("--child", choices=LAYOUTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    config = EngineConfig(dtype="bfloat16", max_model_len=1024, memory_utilization=0.3, compile=not args.no_compile)
-    if args.load_in_worker:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            engine = pool.submit(LLMEngine.from_config, config).result()
-    else:
-        engine = LLMEngine.from_config(config)
-
-    def run(label: str) -> None:
-        print(label, [round(median_itl_ms(engine, f"{label}{i}"), 1) for i in range(args.repeats)], "ms", flush=True)
-
-    run("main thread")
-    worker = threading.Thread(target=run, args=("new thread",))
-    worker.start()
-    worker.join()
-    run("main thread again")
+    if args.child:
+        print(json.dumps(measure(args.child, args.repeats, not args.no_compile)))
+        return
+    rows = {}
+    for layout in args.layouts:
+        cmd = [sys.executable, __file__, "--child", layout, "--repeats", str(args.repeats)]
+        cmd += ["--no-compile"] if args.no_compile else []
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows[layout] = json.loads(out.strip().splitlines()[-1])
+        print(f"{layout:>10}: median inter-token ms per request {rows[layout]}", flush=True)
+    best = min(statistics.median(v) for v in rows.values())
+    for layout, v in rows.items():
+        print(f"{layout:>10}: {statistics.median(v) / best:.2f}x the fastest layout")
 
 
 if __name__ == "__main__":
