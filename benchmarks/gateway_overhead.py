@@ -42,7 +42,7 @@ def in_process(n: int, warmup: int) -> list[float]:
     from serving.engine import EngineConfig, LLMEngine, SamplingParams
     from serving.engine.async_engine import AsyncEngine
 
-    config = EngineConfig(dtype="bfloat16", max_model_len=MAX_MODEL_LEN, memory_utilization=0.3)
+    config = EngineConfig(dtype="bfloat16", max_model_len=MAX_MODEL_LEN, memory_utilization=0.3, compile=True)
     engine = AsyncEngine(lambda: LLMEngine.from_config(config))  # built on its stepping thread, as herd serve does
     params = SamplingParams(max_tokens=1, temperature=0.0)
 

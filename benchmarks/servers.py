@@ -23,9 +23,9 @@ import _common
 HF_EXPORT = HERE / "work/smollm2-135m-instruct-hf"
 
 
-# herd-2r: two Ray replicas behind the gateway; herd-compile: torch.compile'd decode steps (vLLM
-# compiles by default too)
-HERD_SERVERS = {"herd": [], "herd-2r": ["--replicas", "2"], "herd-compile": ["--compile"]}
+# herd: as started by default (decode compiled on CPU, as vLLM compiles by default); herd-eager:
+# --enforce-eager; herd-2r: two Ray replicas behind the gateway
+HERD_SERVERS = {"herd": [], "herd-eager": ["--enforce-eager"], "herd-2r": ["--replicas", "2"]}
 
 
 def server_command(name: str, port: int, max_model_len: int) -> tuple[list[str], dict[str, str]]:

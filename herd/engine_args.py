@@ -70,8 +70,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
     p.add_argument("--tool-call-parser", default="auto", choices=["auto", "llama4", "pythonic", "json", "hermes"],
                    help="how tool calls are read from the model's output (auto: from its chat template)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model step (faster single requests; slower warm-up)")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                      help="torch.compile the decode step (the default on CPU; first start takes a minute or two)")
+    step.add_argument("--enforce-eager", dest="compile", action="store_const", const=False,
+                      help="run the model eagerly: quick start, slower decode (the default off CPU until "
+                           "compiled decode is checked there)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -82,7 +86,7 @@ def engine_config(args: argparse.Namespace):
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                         memory_utilization=args.memory_utilization, enable_prefix_caching=args.prefix_caching,
-                        compile=args.compile)
+                        compile=(args.device == "cpu") if args.compile is None else args.compile)
 
 
 def validate(args: argparse.Namespace):

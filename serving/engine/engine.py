@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Request, Sequence
 from serving.engine.stats import EngineStats
 from serving.engine.structured import Grammars
+
+log = logging.getLogger("herd.engine")
 
 PromptInput = str | list[int] | dict[str, Any]
 
@@ -77,7 +80,12 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
         self.runner = runner_factory(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
                                   self.tokenizer.token_to_str, compile=config.compile)
+        if config.compile:
+            log.info("compiling the decode step (a minute or two on a small CPU; --enforce-eager skips it)")
+            t0 = time.perf_counter()
         self.runner.warm_up()
+        if config.compile:
+            log.info("decode step compiled in %.1fs", time.perf_counter() - t0)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.stats = EngineStats(num_kv_blocks=num_blocks)

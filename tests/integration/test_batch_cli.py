@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.servers import free_port, wait_healthy
 
-TINY = ["--dtype", "float32", "--max-model-len", "256"]
+TINY = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
 
 
 def requests_file(path: Path, n: int, max_tokens: int = 16) -> Path:

@@ -222,7 +222,7 @@ def test_herd_serve_two_replicas_with_the_openai_client(tiny_llama4_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", str(tiny_llama4_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "-1",
-                             "--replicas", "2", "--dtype", "float32", "--max-model-len", "128"],
+                             "--replicas", "2", "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -1,4 +1,5 @@
-"""`herd serve` as a process: health while loading, both protocols up, SIGTERM drains and exits 0."""
+"""`herd serve` as a process, as a user starts it (decode compiled, the CPU default): health while
+loading, both protocols up, SIGTERM drains and exits 0."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_sigterm_finishes_in_flight_then_exits_zero():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 400  # loading and compiling the decode step
         saw_loading = False
         while True:
             assert proc.poll() is None, proc.stdout.read()
@@ -57,6 +58,7 @@ def test_sigterm_finishes_in_flight_then_exits_zero():
         t.join(timeout=120)
         assert result.get("tokens") == 64  # finished, not cut off
         assert proc.wait(timeout=60) == 0
+        assert "decode step compiled" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -81,7 +81,7 @@ def serve_and_chat(model_dir, message: str, timeout: float = 180) -> str:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                              "--port", str(port), "--grpc-port", "-1", "--max-model-len", "512",
-                             "--max-num-batched-tokens", "256"],
+                             "--max-num-batched-tokens", "256", "--enforce-eager"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
