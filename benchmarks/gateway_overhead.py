@@ -7,7 +7,7 @@ Same model (the default), same engine settings, same prompt text, one request at
               timed from the call to the final output (tokenization included);
   HTTP        POST /v1/completions {"prompt": text, "max_tokens": 1} to `herd serve` on 127.0.0.1
               from this process over one keep-alive httpx connection, non-streaming and streaming
-              (SSE, timed to [DONE]).
+              (SSE, timed to [DONE]), and non-streaming from a bare http.client connection.
 overhead = p50(HTTP) - p50(in-process); the target is under 2 ms. The two runs are minutes apart and one
 request's time is mostly the model step, so that difference carries the step's noise; the paired row
 does not: each non-streamed response carries the engine's own time for it (`Server-Timing: engine;dur=`,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import http.client
 import json
 import shlex
 import sys
@@ -89,6 +90,28 @@ def over_http(base_url: str, n: int, warmup: int, stream: bool, engine_times: li
     return times[warmup:]
 
 
+def over_stdlib_http(base_url: str, n: int, warmup: int) -> list[float]:
+    """Non-streaming requests from a bare keep-alive http.client connection: total - engine time
+    per request, so the figure carries the gateway and the socket but hardly any client library."""
+    host, port = base_url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/v1/models")
+    model = json.loads(conn.getresponse().read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0})
+    headers = {"Content-Type": "application/json"}
+    added = []
+    for _ in range(warmup + n):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", body, headers)
+        r = conn.getresponse()
+        r.read()
+        total = time.perf_counter() - t0
+        assert r.status == 200, r.status
+        added.append(total - float(r.getheader("server-timing").split("dur=")[1]) / 1e3)
+    conn.close()
+    return added[warmup:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200)
@@ -118,6 +141,9 @@ def main() -> None:
         totals = rows[-1].pop("_times")
         paired = {"path": "HTTP /v1/completions, paired (total - Server-Timing engine)",
                   **percentiles([t - e for t, e in zip(totals, engine_times)])}
+        measure("HTTP /v1/completions, bare http.client, paired (total - Server-Timing engine)",
+                lambda: over_stdlib_http(server.base_url, args.requests, args.warmup))
+        bare = rows.pop()
         measure("HTTP /v1/completions stream", lambda: over_http(server.base_url, args.requests, args.warmup, True))
     finally:
         server.stop()
@@ -126,18 +152,23 @@ def main() -> None:
     base = rows[0]["p50"]
     for r in rows:
         r["added_p50_ms"] = round(r["p50"] - base, 3)
-    paired["added_p50_ms"] = paired["p50"]
-    rows.append(paired)
+    bare.pop("_times", None)
+    for r in (paired, bare):
+        r["added_p50_ms"] = r["p50"]
+        rows.append(r)
 
     cols = [("path", "path"), ("p50", "p50 ms"), ("p90", "p90 ms"), ("p99", "p99 ms"), ("mean", "mean ms"),
             ("added_p50_ms", "added vs in-process, p50 ms"), ("other_cores_busy", "other cores busy")]
     worst = paired["added_p50_ms"]
+    verdict = f"target < 2 ms: {'met' if worst < 2 else 'NOT met'}"
     lines = ["# herd gateway overhead", "",
              (f"{args.requests} sequential requests (after {args.warmup} warm-up) of prompt {PROMPT!r}, "
               "max_tokens 1, greedy, on the default model; the client runs in the same process as the "
               "in-process engine, and as a separate process from `herd serve`."), "",
              md_table(rows, cols), "",
-             f"Gateway overhead, paired p50: {worst:.2f} ms (target < 2 ms: {'met' if worst < 2 else 'NOT met'}).",
+             (f"Gateway overhead, paired p50: {worst:.2f} ms with httpx, the openai SDK's client ({verdict}); "
+              f"{bare['p50']:.2f} ms from a bare http.client connection, which leaves out most of the "
+              "client library's own time."),
              "",
              ("The in-process client shares its process (and GIL) with the engine thread, while the HTTP "
               "client does not, and one request's time is mostly the model step (its p50-p90 spread is se"

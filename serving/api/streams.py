@@ -10,8 +10,13 @@ from serving.engine.outputs import RequestOutput
 
 
 async def fan_in(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with the request's index. The first
-    output of each is awaited before streaming starts, so a bad request fails as a 400."""
+    """Outputs of several requests as they come, tagged with the request's index; an error of
+    any ends the whole (and closing it early closes every stream, which aborts its request)."""
+    if len(streams) == 1:  # nothing to merge: no pump task and no queue hop per output
+        async with aclosing(streams[0]) as stream:
+            async for out in stream:
+                yield 0, out
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
