@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from serving.api import metrics
 from serving.api.admission import Admission, Overloaded, Unavailable
 from serving.api.engine_client import EngineClient
+from serving.api.fast_path import FastPath
 from serving.api.http_errors import ApiError, BodyLimitAndAuth, error_body, invalid_body
 from serving.api.openai_calls import Call, api_error, check_model, start_chat, start_completion
 from serving.api.openai_schema import ChatCompletionRequest, CompletionRequest
@@ -44,6 +45,16 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
     app = FastAPI(title="herd", description="OpenAI-compatible API of the herd serving stack",
                   version="0.1.0")
     counters = metrics.GatewayCounters()
+
+    async def completions_handler(body: CompletionRequest, request: Request):
+        return await _respond(start_completion(engine(body.model), body), body.stream, request)
+
+    async def chat_handler(body: ChatCompletionRequest, request: Request):
+        return await _respond(start_chat(engine(body.model), body), body.stream, request)
+
+    app.add_middleware(FastPath, routes={"/v1/completions": (CompletionRequest, completions_handler),
+                                         "/v1/chat/completions": (ChatCompletionRequest, chat_handler)},
+                       on_error=lambda e: api_error_response(e) if isinstance(e, ApiError) else None)
     app.add_middleware(BodyLimitAndAuth, api_key=api_key, max_body_bytes=max_body_bytes, counters=counters,
                        max_upload_bytes=max_upload_bytes)
     for router in routers:
@@ -56,7 +67,7 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+        return api_error_response(exc)
 
     def engine(model: str) -> EngineClient:
         try:
@@ -111,15 +122,20 @@ def build_app(admission: Admission, api_key: str | None = None, max_body_bytes: 
             raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable")
         return admission.client
 
+    # Non-streamed calls with a valid body usually arrive through FastPath instead (fast_path.py).
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
-        return await _respond(start_completion(engine(body.model), body), body.stream, request)
+        return await completions_handler(body, request)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _respond(start_chat(engine(body.model), body), body.stream, request)
+        return await chat_handler(body, request)
 
     return app
+
+
+def api_error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
 
 
 async def _respond(call: Call, stream: bool, request: Request):
@@ -131,14 +147,28 @@ async def _respond(call: Call, stream: bool, request: Request):
 
 
 async def _until_disconnect(request: Request, work):
-    """Runs to completion, aborting everything if the client goes away first."""
-    task = asyncio.create_task(work)
-    while not task.done():
-        await asyncio.wait([task], timeout=0.25)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            raise ApiError(499, "client disconnected", "client_closed_request")
-    return task.result()
+    """Runs `work` in this task while a watcher waits for the client to leave; if it does, the
+    work is cancelled at once (which aborts its engine requests)."""
+    this = asyncio.current_task()
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        left = True
+        this.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        this.uncancel()
+        raise ApiError(499, "client disconnected", "client_closed_request") from None
+    finally:
+        watcher.cancel()
 
 
 async def _sse(chunks: AsyncIterator[dict[str, Any]], param_alias=None) -> StreamingResponse:

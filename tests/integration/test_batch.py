@@ -195,7 +195,7 @@ def test_inline_engine_steps_on_the_callers_loop_with_the_same_results(default_f
         asyncio.run(run_batch(engine, path, tmp_path / "threaded.jsonl", max_in_flight=64, progress=False))
     finally:
         inline.shutdown()
-    assert inline._thread is None
+    assert inline._compute is None
 
     def split(name):
         lines = read_lines(tmp_path / name)

@@ -188,6 +188,37 @@ def test_disconnect_mid_stream_aborts(server, engine):
     wait_idle(engine, timeout=1.0)
 
 
+def test_disconnect_before_a_non_streamed_reply_aborts(server, engine):
+    body = {"model": DEFAULT, "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    wait_idle(engine, timeout=1.0)
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"model": DEFAULT, "prompt": "The capital of France is", "max_tokens": 5,
+                         "temperature": 0, "logprobs": 2}),
+    ("/v1/chat/completions", {"model": DEFAULT, "messages": CAPITAL, "max_tokens": 5, "temperature": 0}),
+    ("/v1/completions", {"model": DEFAULT, "prompt": "Hi", "min_tokens": 9, "max_tokens": 3}),
+    ("/v1/chat/completions", {"model": "no-such-model", "messages": CAPITAL}),
+])
+def test_fast_path_and_fastapi_route_reply_alike(server, route, body):
+    """An application/json body takes the fast path (fast_path.py); one typed as another JSON
+    media type (application/*+json) goes to FastAPI's route. Same status, same body (bar ids
+    and timestamps)."""
+    data = json.dumps(body).encode()
+    fast = httpx.post(server.url + route, content=data, headers={"content-type": "application/json"})
+    routed = httpx.post(server.url + route, content=data, headers={"content-type": "application/vnd.herd+json"})
+
+    def comparable(r: httpx.Response) -> dict:
+        out = r.json()
+        for key in ("id", "created"):
+            out.pop(key, None)
+        return out
+    assert fast.status_code == routed.status_code
+    assert comparable(fast) == comparable(routed)
+
+
 def test_health_and_metrics(server, client):
     client.completions.create(model=DEFAULT, prompt="Hi", max_tokens=2)
     assert httpx.get(server.url + "/health").status_code == 200
