@@ -6,6 +6,7 @@ request (64 tokens, the default model, bf16, compiled decode), each layout in it
   one-thread  load and step on one worker thread, the main thread runs no torch op (herd serve now)
 
     .venv/bin/python benchmarks/engine_thread.py [--repeats 3] [--no-compile] [--layouts ...]
+    .venv/bin/python benchmarks/engine_thread.py --ops    # the mechanism: one op's time by thread
 
 Why they differ: libgomp gives each thread that starts a parallel region its own team, and once it
 manages more threads than there are cores it stops spinning idle workers (serving/engine/
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -71,13 +73,53 @@ def measure(layout: str, repeats: int, compile: bool) -> list[float]:
     return result
 
 
+def op_us() -> dict[str, float]:
+    """Runs in the child process: one SiLU over 64x576 bf16 values (one OpenMP parallel region),
+    microseconds per call, on the main thread, then on a second thread once the main one has a team."""
+    import torch
+
+    x = torch.randn(64, 576, dtype=torch.bfloat16)
+
+    def per_call() -> float:
+        for _ in range(50):
+            torch.nn.functional.silu(x)
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            torch.nn.functional.silu(x)
+        return round((time.perf_counter() - t0) / 2000 * 1e6, 1)
+
+    out = {"main thread": per_call()}
+    t = threading.Thread(target=lambda: out.update({"second thread": per_call()}))
+    t.start()
+    t.join()
+    return out
+
+
+def ops() -> None:
+    """The mechanism behind the layouts: one op's time by thread, with libgomp's default spinning
+    and with GOMP_SPINCOUNT=0 (idle workers sleep at once)."""
+    for env in ({}, {"GOMP_SPINCOUNT": "0"}):
+        out = subprocess.run([sys.executable, __file__, "--child-op"], check=True, capture_output=True,
+                             text=True, env={**os.environ, **env}).stdout
+        label = " ".join(f"{k}={v}" for k, v in env.items()) or "default"
+        print(f"SiLU 64x576 bf16, us per call ({label}): {json.loads(out.strip().splitlines()[-1])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    ap.add_argument("--ops", action="store_true", help="only time one op per thread (seconds, not minutes)")
     ap.add_argument("--child", choices=LAYOUTS, help=argparse.SUPPRESS)
+    ap.add_argument("--child-op", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_op:
+        print(json.dumps(op_us()))
+        return
+    if args.ops:
+        ops()
+        return
     if args.child:
         print(json.dumps(measure(args.child, args.repeats, not args.no_compile)))
         return

@@ -4,9 +4,9 @@ Why one: torch's CPU ops run on OpenMP (libgomp). Each thread that starts a para
 team of its own, and once libgomp manages more threads than there are cores it stops spinning
 its idle workers and puts them to sleep after every region (its throttled spin count). Every op
 of a step then pays a futex wake-up: loading on one thread and stepping on another made a
-compiled decode step of the default model 43-54 ms instead of ~33 ms on the 2-core Xeon
-(benchmarks/engine_thread.py). Loading and stepping on the same thread, with no other thread
-running big torch ops, keeps one team and the fast path.
+compiled decode step of the default model ~51 ms instead of ~28 ms on the 2-core Xeon
+(benchmarks/engine_thread.py, results/2026-11-29-engine-thread.md). Loading and stepping on the
+same thread, with no other thread running big torch ops, keeps one team and the fast path.
 """
 
 from __future__ import annotations
