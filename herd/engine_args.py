@@ -79,14 +79,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from serving.engine import EngineConfig
+    from serving.engine.config import EngineConfig, default_compile
 
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                         served_model_name=getattr(args, "served_model_name", None),
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                         memory_utilization=args.memory_utilization, enable_prefix_caching=args.prefix_caching,
-                        compile=(args.device == "cpu") if args.compile is None else args.compile)
+                        compile=default_compile(args.device, args.compile))
 
 
 def validate(args: argparse.Namespace):

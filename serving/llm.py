@@ -8,10 +8,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from serving.engine.config import EngineConfig
+from serving.engine.config import EngineConfig, default_compile
 from serving.engine.engine import LLMEngine, PromptInput
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
+
+
+def compile_choice(device: str, enforce_eager: bool | None, compile: bool | None) -> bool:
+    """As vLLM's LLM, the decode step is compiled unless `enforce_eager=True` (by default on
+    CPU only, see `default_compile`); `compile` is herd's name for the opposite switch."""
+    if enforce_eager is not None and compile is not None and compile == enforce_eager:
+        raise ValueError(f"enforce_eager={enforce_eager} contradicts compile={compile}: give one of them")
+    return default_compile(device, compile if enforce_eager is None else not enforce_eager)
 
 
 class LLM:
@@ -20,11 +28,12 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  gpu_memory_utilization: float | None = None, memory_utilization: float = 0.5,
-                 device: str = "cpu", **kwargs: Any) -> None:
+                 device: str = "cpu", enforce_eager: bool | None = None, compile: bool | None = None,
+                 **kwargs: Any) -> None:
         self.engine = LLMEngine.from_config(EngineConfig(
             model=model, dtype=dtype, quantization=quantization, seed=seed, max_model_len=max_model_len, device=device,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
+            enable_prefix_caching=enable_prefix_caching, compile=compile_choice(device, enforce_eager, compile),
             memory_utilization=gpu_memory_utilization or memory_utilization, **kwargs))
         self._ids = itertools.count()
 

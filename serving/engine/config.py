@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def default_compile(device: str, compile: bool | None) -> bool:
+    """Whether to torch.compile the decode step when the user did not say (None): yes on CPU,
+    as vLLM compiles by default; no elsewhere, where compiled decode with the Triton kernels
+    has never run (no GPU to check it on)."""
+    return device == "cpu" if compile is None else compile
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # checkpoint dir or .gguf; None = the built-in default model

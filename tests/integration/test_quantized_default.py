@@ -11,7 +11,7 @@ from serving import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(quantization="int4", max_model_len=512, memory_utilization=0.3)
+    return LLM(quantization="int4", max_model_len=512, memory_utilization=0.3, enforce_eager=True)
 
 
 def test_weights_are_the_gguf_codes(llm, default_fp32):
