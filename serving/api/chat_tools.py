@@ -2,7 +2,8 @@
 how the generated text becomes `tool_calls` (whole, or as streamed deltas).
 
 tool_choice "auto": the model writes calls in its own format and the model's parser reads them;
-text that is not a valid call stays content. "required" and a named function are enforced while
+text that is not a valid call stays content; with parallel_tool_calls=false only the first call
+is returned. "required" and a named function are enforced while
 decoding (structured outputs): a JSON list of {name, arguments} alternatives, or the named
 function's arguments object, so the call always parses and validates against its schema.
 """
@@ -110,7 +111,10 @@ class ChatTools:
         parsed = self.parser.parse(text)
         if not parsed.tool_calls:
             return text, [], finish_reason
-        calls = [_call(c.name, c.arguments) for c in parsed.tool_calls]
+        # parallel_tool_calls=false asks for at most one call: the model's first one (as vLLM and
+        # OpenAI reply); "required" already allows only one while decoding.
+        found = parsed.tool_calls if self.parallel else parsed.tool_calls[:1]
+        calls = [_call(c.name, c.arguments) for c in found]
         return parsed.content, calls, "tool_calls" if finish_reason == "stop" else finish_reason
 
     def stream(self) -> ChoiceStream:

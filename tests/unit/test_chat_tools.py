@@ -60,6 +60,20 @@ def test_streamed_auto_deltas_equal_the_whole_reply(text, size):
     assert (reason == "tool_calls") == bool(calls)
 
 
+TWO_CALLS = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n<tool_call>{"name": "get_weather", '
+             '"arguments": {"city": "Oslo"}}</tool_call>')
+
+
+@pytest.mark.parametrize(("parallel", "names"), [(None, ["get_time", "get_weather"]), (True, ["get_time", "get_weather"]),
+                                                 (False, ["get_time"])])
+def test_auto_parallel_tool_calls_false_returns_the_first_call_only(parallel, names):
+    t = tools(parallel=parallel)
+    content, calls, reason = t.complete(TWO_CALLS, "stop")
+    assert [c["function"]["name"] for c in calls] == names and reason == "tool_calls" and not content
+    _, s_calls, s_reason = stream(t, chunks(TWO_CALLS, 5))
+    assert [c["name"] for c in s_calls] == names and s_reason == "tool_calls"
+
+
 def test_llama4_template_reads_either_form():
     t = tools(template=LLAMA4_TEMPLATE)
     assert t.native and t.parser.name == "llama4"
