@@ -25,15 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 CATEGORIES = (  # first match wins, on the op name (a fused kernel's name lists the ops it fused)
     ("compiled fused kernels (norms, rope, KV write/gather, SiLU)", ("cpp_fused_",)),
-    ("linear (weights)", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "_weight_int4pack_mm", "int4mm_packed",
-                          "_weight_int8pack_mm")),
+    ("linear (weights)", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "_weight_int4pack_mm",
+                          "int4mm_packed", "_weight_int8pack_mm")),
     ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
     ("KV gather/scatter", ("aten::index_select", "aten::index_put", "aten::index", "aten::gather")),
     ("sampling", ("aten::sort", "aten::topk", "aten::softmax", "aten::log_softmax", "aten::multinomial",
                   "aten::cumsum", "aten::argmax")),
-    ("torch.compile runtime (guards, input prep, graph wrapper)", ("TorchDynamo Cache Lookup", "Pregraph bytecode",
-                                                                  "AOTDispatcher", "CompiledFxGraph",
-                                                                  "Torch-Compiled Region")),
+    ("torch.compile runtime (guards, input prep, graph wrapper)",
+     ("TorchDynamo Cache Lookup", "Pregraph bytecode", "AOTDispatcher", "CompiledFxGraph",
+      "Torch-Compiled Region")),
 )
 OUTSIDE = "Python outside any op (engine loop, scheduling, batch building)"
 
@@ -99,8 +99,8 @@ def main() -> None:
               f"({tokens / wall:.1f} tok/s, {1e3 * wall / steps:.1f} ms per step; profiler on: slower than a "
               "timed run)"),
              f"Decode step {'eager' if args.enforce_eager else 'compiled'}."
-             + ("" if args.enforce_eager else " The profiler's own cost of recording each op the compiled graph "
-                "calls lands in the graph wrapper's self time: its row is an upper bound."),
+             + ("" if args.enforce_eager else " The profiler's own cost of recording each op the compiled "
+                "graph calls lands in the graph wrapper's self time: its row is an upper bound."),
              "",
              "| category | self CPU s | ms per step | share |", "|---|---:|---:|---:|"]
     lines += [f"| {c} | {s:.2f} | {1e3 * s / steps:.2f} | {s / total:.0%} |"

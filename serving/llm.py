@@ -31,9 +31,10 @@ class LLM:
                  device: str = "cpu", enforce_eager: bool | None = None, compile: bool | None = None,
                  **kwargs: Any) -> None:
         self.engine = LLMEngine.from_config(EngineConfig(
-            model=model, dtype=dtype, quantization=quantization, seed=seed, max_model_len=max_model_len, device=device,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching, compile=compile_choice(device, enforce_eager, compile),
+            model=model, dtype=dtype, quantization=quantization, seed=seed, max_model_len=max_model_len,
+            device=device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            compile=compile_choice(device, enforce_eager, compile),
             memory_utilization=gpu_memory_utilization or memory_utilization, **kwargs))
         self._ids = itertools.count()
 

@@ -4,8 +4,9 @@ A POST to /v1/completions or /v1/chat/completions whose JSON body validates and 
 stream runs its route's handler straight from this ASGI middleware, skipping FastAPI's routing,
 dependency solving and exception layers (benchmarks/gateway_overhead.py, bare-client paired p50
 of a 1-token request: 1.75 ms before, results/2026-11-29-gateway-overhead.md; 1.23 ms after,
-results/2026-11-30-gateway-overhead.md). Everything else - streaming, a body that does not parse or validate, every other route -
-goes on to FastAPI unchanged, so errors keep one shape and the routes still document the API.
+results/2026-11-30-gateway-overhead.md). Everything else - streaming, a body that does not parse
+or validate, every other route - goes on to FastAPI unchanged, so errors keep one shape and the
+routes still document the API.
 The body is validated as FastAPI does it (json.loads, then the model in Python mode).
 """
 
@@ -30,7 +31,8 @@ class FastPath:
         self.app, self.routes, self.on_error = app, routes, on_error
 
     async def __call__(self, scope, receive, send):
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        post = scope["type"] == "http" and scope["method"] == "POST"
+        route = self.routes.get(scope["path"]) if post else None
         if route is None or not _is_json(scope):
             return await self.app(scope, receive, send)
         chunks = []

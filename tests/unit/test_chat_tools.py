@@ -37,6 +37,10 @@ def stream(t: ChatTools, pieces: list[str], finish="stop"):
     return content, [calls[i] for i in sorted(calls)], reason
 
 
+TWO_CALLS = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n'
+             '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+
+
 def chunks(text: str, size: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 
@@ -44,8 +48,7 @@ def chunks(text: str, size: int) -> list[str]:
 @pytest.mark.parametrize("size", [1, 3, 1000])
 @pytest.mark.parametrize("text", [
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n<tool_call>{"name": "get_weather", '
-    '"arguments": {"city": "Oslo"}}</tool_call>'),
+    TWO_CALLS,
     "No call here, just <b>text</b> and a < sign.\n",
     '<tool_call>{"name": broken json</tool_call>',
 ])
@@ -60,12 +63,8 @@ def test_streamed_auto_deltas_equal_the_whole_reply(text, size):
     assert (reason == "tool_calls") == bool(calls)
 
 
-TWO_CALLS = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n<tool_call>{"name": "get_weather", '
-             '"arguments": {"city": "Oslo"}}</tool_call>')
-
-
-@pytest.mark.parametrize(("parallel", "names"), [(None, ["get_time", "get_weather"]), (True, ["get_time", "get_weather"]),
-                                                 (False, ["get_time"])])
+@pytest.mark.parametrize(("parallel", "names"), [(None, ["get_time", "get_weather"]),
+                                                 (True, ["get_time", "get_weather"]), (False, ["get_time"])])
 def test_auto_parallel_tool_calls_false_returns_the_first_call_only(parallel, names):
     t = tools(parallel=parallel)
     content, calls, reason = t.complete(TWO_CALLS, "stop")
