@@ -1,12 +1,14 @@
 """Where herd's engine spends a workload's time: torch.profiler over llm.generate, ops ranked by
 self CPU time and summed into categories (linear, attention, KV gather/scatter, sampling, the
-compiled graph's fused kernels and its runtime, rest), plus the Python that runs outside any op.
+compiled graph's fused kernels and its runtime, herd's C++ decode step, rest), plus the Python that
+runs outside any op.
 
     .venv/bin/python benchmarks/profile_engine.py --workload benchmarks/peers/workloads/chat-64x128.json \
         [--quantization int4] [--dtype bfloat16] [--enforce-eager] [--out benchmarks/results/profile.md]
 
-Like `LLM(...)`, the decode step is compiled unless --enforce-eager; the compiled graph's C++
-kernels are then profiled one by one (inductor's enable_kernel_profile). The profiler adds a
+Like `LLM(...)`, the decode step is compiled unless --enforce-eager: herd's C++ step where the
+model allows it, else torch.compile, whose C++ kernels are then profiled one by one (inductor's
+enable_kernel_profile). The profiler adds a
 few microseconds to every op: shares are the point, not the wall time.
 """
 
@@ -23,8 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serving.engine.native_decode import PROFILE_NAME
+
 CATEGORIES = (  # first match wins, on the op name (a fused kernel's name lists the ops it fused)
     ("compiled fused kernels (norms, rope, KV write/gather, SiLU)", ("cpp_fused_",)),
+    ("herd's C++ decode step outside ATen (norms, RoPE, KV write, attention, SiLU)", (PROFILE_NAME,)),
     ("linear (weights)", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "_weight_int4pack_mm",
                           "int4mm_packed", "_weight_int8pack_mm")),
     ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
@@ -98,9 +103,7 @@ def main() -> None:
              (f"{len(prompts)} requests, {tokens} output tokens in {steps} engine steps, {wall:.2f}s "
               f"({tokens / wall:.1f} tok/s, {1e3 * wall / steps:.1f} ms per step; profiler on: slower than a "
               "timed run)"),
-             f"Decode step {'eager' if args.enforce_eager else 'compiled'}."
-             + ("" if args.enforce_eager else " The profiler's own cost of recording each op the compiled "
-                "graph calls lands in the graph wrapper's self time: its row is an upper bound."),
+             decode_note(llm, args.enforce_eager),
              "",
              "| category | self CPU s | ms per step | share |", "|---|---:|---:|---:|"]
     lines += [f"| {c} | {s:.2f} | {1e3 * s / steps:.2f} | {s / total:.0%} |"
@@ -111,6 +114,15 @@ def main() -> None:
     print(report)
     if args.out:
         args.out.write_text(report + "\n")
+
+
+def decode_note(llm, eager: bool) -> str:
+    if eager:
+        return "Decode step eager."
+    if llm.engine.runner.native is not None:
+        return "Decode step: herd's C++ step (serving/engine/native_decode.py)."
+    return ("Decode step: torch.compile. The profiler's own cost of recording each op the compiled graph calls "
+            "lands in the graph wrapper's self time: its row is an upper bound.")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ class RankWorker:
     def _follow(self) -> int:
         cfg = self.config
         self.runner = ModelRunner(self.loaded.model, cfg.num_kv_blocks, cfg.block_size,
-                                  stop_ids_for=lambda seq: (), compile=cfg.compile)
+                                  stop_ids_for=lambda seq: (), compile=cfg.compile,
+                                  native_decode=cfg.native_decode)
         return follow(self.runner)
 
     async def generate_stream(self, prompt, params: SamplingParams, request_id: str):

@@ -30,7 +30,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
-    compile: bool = False  # torch.compile the model step
+    compile: bool = False  # compile the decode step (torch.compile, or the C++ step below)
+    # herd's C++ decode step (serving/engine/native_decode.py) where the model allows it, when
+    # compiling; False keeps torch.compile for every model.
+    native_decode: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -78,12 +78,13 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         eos = frozenset(self.tokenizer.stop_token_ids) | frozenset(loaded.config.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
-        self.runner = runner_factory(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
-                                  self.tokenizer.token_to_str, compile=config.compile)
         t0 = time.perf_counter()
         if config.compile:
-            log.info("compiling the decode step (a minute or two on a small CPU; --enforce-eager or "
-                     "LLM(enforce_eager=True) skips it)")
+            log.info("compiling the decode step (herd's C++ step: a minute the first time; torch.compile: "
+                     "a minute or two on a small CPU; --enforce-eager or LLM(enforce_eager=True) skips it)")
+        self.runner = runner_factory(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
+                                     self.tokenizer.token_to_str, compile=config.compile,
+                                     native_decode=config.native_decode)
         self.runner.warm_up()
         if config.compile:
             log.info("decode step compiled in %.1fs", time.perf_counter() - t0)

@@ -3,6 +3,7 @@ samples. Knows nothing of queues or policy."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,10 +11,13 @@ import torch
 
 from kernels.dispatch import use_triton
 from models.llama4.model import Llama4Model
+from serving.engine.native_decode import NativeDecode, unsupported_reason
 from serving.engine.outputs import PositionLogprobs
 from serving.engine.paged_attention import PagedAttention, SeqSlice
 from serving.engine.sampler import Sample, SampleRow, prompt_logprobs, sample
 from serving.engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,15 +56,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 class ModelRunner:
     def __init__(self, model: Llama4Model, num_blocks: int, block_size: int,
-                 stop_ids_for, decode_token=lambda t: None, compile: bool = False) -> None:
+                 stop_ids_for, decode_token=lambda t: None, compile: bool = False,
+                 native_decode: bool = True) -> None:
         self.model = model
-        # torch.compile covers steps of plain decodes (DecodeOnlyAttention): the whole forward
-        # is one graph, with no per-op dispatch. Steps with prefills stay eager: their attention
-        # bookkeeping varies per step, and a graph break inside the layer loop would make
-        # dynamo give up on the whole forward.
-        self.decode_forward = model.forward
-        if compile:
-            self.decode_forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
         self.chunk_sizes = {layer.self_attn.chunk_size for layer in model.layers}
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -73,6 +71,19 @@ class ModelRunner:
         self.k_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.v_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.pad_block = num_blocks
+        # A compiled decode step: herd's C++ one where the model allows (native_decode.py), else
+        # torch.compile over steps of plain decodes (DecodeOnlyAttention): the whole forward is
+        # one graph. Steps with prefills stay eager: their attention bookkeeping varies per step,
+        # and a graph break inside the layer loop would make dynamo give up on the whole forward.
+        self.decode_forward = model.forward
+        self.native: NativeDecode | None = None
+        if compile:
+            reason = unsupported_reason(model) if native_decode else "native_decode is off"
+            if reason is None:
+                self.native = NativeDecode(model, self.k_caches, self.v_caches, block_size)
+            else:
+                log.info("decode step: torch.compile, not herd's C++ step (%s)", reason)
+                self.decode_forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
         self.stop_ids_for = stop_ids_for  # seq -> ids that may not be sampled yet (min_tokens)
         self.decode_token = decode_token
 
@@ -80,7 +91,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compiles the decode graphs now rather than in the first requests (batch of 1, and
         of several), with decodes whose keys all live in the zero padding block."""
-        if self.decode_forward is self.model.forward:
+        if self.decode_forward is self.model.forward:  # eager, or the C++ step (nothing to compile)
             return
         bs, pad = self.block_size, self.pad_block
         for batch in (1, 2):
@@ -115,6 +126,9 @@ class ModelRunner:
         """The forward pass over the step's tokens -> logits of step.logit_rows. Under tensor
         parallelism every rank runs this with the same step (it holds the collectives)."""
         dev = self.device
+        if self.native is not None and all(s.q_len == 1 for s in step.slices):
+            hidden_TD = self.native(step.ids, step.positions, [s.block_table for s in step.slices])
+            return self._logits(hidden_TD, step.logit_rows)
         positions_T = torch.tensor(step.positions, device=dev)
         if use_triton(positions_T):  # the Triton kernels of kernels/ (CUDA, or interpreted in tests)
             from serving.engine.kernel_attention import KernelPagedAttention
@@ -127,9 +141,14 @@ class ModelRunner:
             decode = attn.decode_only(self.chunk_sizes, self.dtype)
         forward = self.model.forward if decode is None else self.decode_forward
         hidden_TD = forward(torch.tensor(step.ids, device=dev), positions_T, decode or attn)
-        if not step.logit_rows:
+        return self._logits(hidden_TD, step.logit_rows)
+
+    def _logits(self, hidden_TD: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if not rows:
             return hidden_TD.new_empty(0, self.model.config.vocab_size)
-        return self.model.compute_logits(hidden_TD[torch.tensor(step.logit_rows, device=dev)])
+        if rows == list(range(hidden_TD.shape[0])):
+            return self.model.compute_logits(hidden_TD)
+        return self.model.compute_logits(hidden_TD[torch.tensor(rows, device=self.device)])
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:

@@ -52,9 +52,11 @@ def test_batched_with_preemption_equals_alone(tiny_llama4):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
-def test_default_model_batched_equals_alone(default_fp32):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "native-decode"])
+def test_default_model_batched_equals_alone(default_fp32, compile):
     engine = engine_for(default_fp32, block_size=16, num_kv_blocks=12, max_num_batched_tokens=64,
-                        max_model_len=160)
+                        max_model_len=160, compile=compile)
+    assert (engine.runner.native is not None) == compile  # float32 Llama: herd's C++ decode step
     tok = default_fp32.tokenizer
     questions = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?",
                  "Say hello in Spanish.", "Why is the sky blue?"]

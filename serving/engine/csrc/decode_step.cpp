@@ -1,0 +1,290 @@
+// One decode step of a dense Llama / Llama 4 model on CPU, in one C++ call.
+//
+// A decode step at small batch is a few hundred tiny ops; from Python (even torch.compile'd)
+// each pays dispatch, guard and wrapper costs that dwarf its arithmetic. Here the layer loop,
+// norms, RoPE, KV writes and paged attention are plain C++ loops over float32 rows, and only
+// the projections go to ATen (torch's int4 / int8 / float GEMM kernels). Semantics follow
+// models/llama4/model.py exactly (see serving/engine/native_decode.py for who may use it).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2 };
+
+struct Linear {
+  int64_t kind;
+  at::Tensor weight;  // dense (N, K) float32; int4: packed; int8: (N, K) int8
+  at::Tensor scales;  // int4: scales_zeros (bf16); int8: per-row scales (bf16); dense: unused
+  int64_t group;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    switch (kind) {
+      case kInt4:
+        return at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), weight, group, scales).to(at::kFloat);
+      case kInt8:
+        return at::_weight_int8pack_mm(x.to(at::kBFloat16), weight, scales).to(at::kFloat);
+      default:
+        return at::linear(x, weight);
+    }
+  }
+};
+
+struct Layer {
+  at::Tensor in_norm, post_norm, k_cache, v_cache;  // caches (blocks, block_size, K, d) float32
+  Linear qkv, o, gate_up, down;
+  bool rope;
+  double qk_norm_eps;  // < 0: no qk norm
+  bool temperature;
+  double floor_scale, attn_scale;
+  int64_t chunk;  // 0: global attention
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// exp(x) to about 1 ulp (Cephes' expf: 2^k * e^r, |r| <= ln2 / 2) in plain arithmetic, so
+// loops over it vectorize (libm's expf does not, and softmax and SiLU call it per element).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return p * two_k;
+}
+
+// res = first ? x : x + res; out = res / rms(res) * w (w may be null: weightless).
+void add_rms_norm(const float* x, float* res, const float* w, float* out, int64_t D, double eps, bool first) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < D; ++i) {
+    float r = first ? x[i] : x[i] + res[i];
+    res[i] = r;
+    ss += static_cast<double>(r) * r;
+  }
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + static_cast<float>(eps));
+  for (int64_t i = 0; i < D; ++i) out[i] = w ? (res[i] * inv) * w[i] : res[i] * inv;
+}
+
+void rms_norm_inplace(float* x, int64_t D, double eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + static_cast<float>(eps));
+  for (int64_t i = 0; i < D; ++i) x[i] *= inv;
+}
+
+void rotate(float* x, const float* cos, const float* sin, int64_t d, bool interleaved) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float x1 = x[a], x2 = x[b];
+    x[a] = x1 * cos[i] - x2 * sin[i];
+    x[b] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+class DecodeStep {
+ public:
+  DecodeStep(at::Tensor embed, at::Tensor final_norm, at::Tensor inv_freq, double eps, int64_t n_heads,
+             int64_t n_kv, int64_t head_dim, double scale, bool interleaved)
+      : embed_(std::move(embed)), final_norm_(std::move(final_norm)), inv_freq_(std::move(inv_freq)),
+        eps_(eps), H_(n_heads), K_(n_kv), d_(head_dim), scale_(scale), interleaved_(interleaved) {
+    TORCH_CHECK(embed_.scalar_type() == at::kFloat && embed_.is_contiguous(), "embed must be contiguous float32");
+    TORCH_CHECK(inv_freq_.numel() * 2 == d_, "inv_freq has ", inv_freq_.numel(), " entries for head_dim ", d_);
+    TORCH_CHECK(H_ % K_ == 0, "n_heads ", H_, " is not a multiple of n_kv ", K_);
+  }
+
+  void add_layer(at::Tensor in_norm, at::Tensor post_norm, at::Tensor k_cache, at::Tensor v_cache,
+                 std::vector<Linear> linears, bool rope, double qk_norm_eps, bool temperature,
+                 double floor_scale, double attn_scale, int64_t chunk) {
+    TORCH_CHECK(linears.size() == 4, "a layer has 4 linears (qkv, o, gate_up, down)");
+    for (const auto& c : {k_cache, v_cache}) {
+      TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(2) == K_ &&
+                      c.size(3) == d_,
+                  "KV caches must be contiguous float32 (blocks, block_size, ", K_, ", ", d_, ")");
+    }
+    layers_.push_back(Layer{std::move(in_norm), std::move(post_norm), std::move(k_cache), std::move(v_cache),
+                            linears[0], linears[1], linears[2], linears[3], rope, qk_norm_eps, temperature,
+                            floor_scale, attn_scale, chunk});
+  }
+
+  // ids, positions, slots (B,) int64; block_table (B, nb) int64 -> final hidden states (B, D).
+  at::Tensor forward(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+                     const at::Tensor& block_table) const {
+    const int64_t B = ids.size(0), half = d_ / 2;
+    TORCH_CHECK(positions.size(0) == B && slots.size(0) == B && block_table.size(0) == B,
+                "ids, positions, slots and block_table disagree on the batch size");
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* table = block_table.data_ptr<int64_t>();
+    const int64_t nb = block_table.size(1);
+
+    // cos/sin of every token's angles, shared by all RoPE layers.
+    std::vector<float> cos(B * half), sin(B * half);
+    const float* inv_freq = inv_freq_.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = static_cast<float>(pos[b]) * inv_freq[i];
+        cos[b * half + i] = std::cos(f);
+        sin[b * half + i] = std::sin(f);
+      }
+
+    at::Tensor x = embed_.index_select(0, ids);
+    at::Tensor res = at::empty_like(x), h = at::empty_like(x), attn = at::empty({B, H_ * d_}, x.options());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      norm_rows(x, res, L.in_norm, h, l == 0);
+      at::Tensor qkv = L.qkv(h);
+      prepare_qkv(L, qkv.data_ptr<float>(), B, pos, slot, cos.data(), sin.data());
+      attend(L, qkv.data_ptr<float>(), attn.data_ptr<float>(), B, pos, table, nb);
+      at::Tensor o = L.o(attn);
+      norm_rows(o, res, L.post_norm, h, false);
+      at::Tensor gu = L.gate_up(h);
+      const int64_t I = gu.size(1) / 2;
+      at::Tensor act = at::empty({B, I}, x.options());
+      const float* g = gu.data_ptr<float>();
+      float* a = act.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        const float* gate = g + b * 2 * I;
+        const float* up = gate + I;
+        float* ab = a + b * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) ab[i] = gate[i] / (1.0f + fast_exp(-gate[i])) * up[i];
+      }
+      x = L.down(act);
+    }
+    at::Tensor out = at::empty_like(x);
+    norm_rows(x, res, final_norm_, out, false);
+    return out;
+  }
+
+ private:
+  void norm_rows(const at::Tensor& x, at::Tensor& res, const at::Tensor& w, at::Tensor& out, bool first) const {
+    const int64_t B = x.size(0), D = x.size(1);
+    const float* xp = x.data_ptr<float>();
+    float* rp = res.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) add_rms_norm(xp + b * D, rp + b * D, wp, op + b * D, D, eps_, first);
+  }
+
+  // RoPE / qk-norm / temperature on q and k in place, then k and v into the cache.
+  void prepare_qkv(const Layer& L, float* qkv, int64_t B, const int64_t* pos, const int64_t* slot,
+                   const float* cos, const float* sin) const {
+    const int64_t d = d_, H = H_, K = K_, half = d_ / 2, row = (H + 2 * K) * d;
+    float* kc = L.k_cache.data_ptr<float>();
+    float* vc = L.v_cache.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float* q = qkv + b * row;
+      float* k = q + H * d;
+      const float* v = k + K * d;
+      if (L.rope) {
+        for (int64_t hh = 0; hh < H; ++hh) rotate(q + hh * d, cos + b * half, sin + b * half, d, interleaved_);
+        for (int64_t kk = 0; kk < K; ++kk) rotate(k + kk * d, cos + b * half, sin + b * half, d, interleaved_);
+        if (L.qk_norm_eps >= 0) {
+          for (int64_t hh = 0; hh < H; ++hh) rms_norm_inplace(q + hh * d, d, L.qk_norm_eps);
+          for (int64_t kk = 0; kk < K; ++kk) rms_norm_inplace(k + kk * d, d, L.qk_norm_eps);
+        }
+      } else if (L.temperature) {
+        const float fs = static_cast<float>(L.floor_scale), as = static_cast<float>(L.attn_scale);
+        const float t = std::log1p(std::floor((static_cast<float>(pos[b]) + 1.0f) / fs)) * as + 1.0f;
+        for (int64_t i = 0; i < H * d; ++i) q[i] *= t;
+      }
+      std::copy(k, k + K * d, kc + slot[b] * K * d);
+      std::copy(v, v + K * d, vc + slot[b] * K * d);
+    }
+  }
+
+  // Each (sequence, KV head): its G query heads against the keys it may see, read in place
+  // from the paged cache (no gather), softmax in float32.
+  void attend(const Layer& L, const float* qkv, float* out, int64_t B, const int64_t* pos, const int64_t* table,
+              int64_t nb) const {
+    const int64_t d = d_, H = H_, K = K_, G = H_ / K_, row = (H + 2 * K) * d;
+    const int64_t bs = L.k_cache.size(1);
+    const float* kc = L.k_cache.data_ptr<float>();
+    const float* vc = L.v_cache.data_ptr<float>();
+    const float scale = static_cast<float>(scale_);
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / K, kv = task % K, p = pos[b];
+        const int64_t lo = L.chunk > 0 ? p / L.chunk * L.chunk : 0, n = p - lo + 1;
+        TORCH_CHECK((p / bs) < nb, "position ", p, " is past the block table");
+        const float* q = qkv + b * row + kv * G * d;
+        scores.assign(G * n, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t t = lo + j;
+          const float* key = kc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
+          for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot(q + g * d, key, d) * scale;
+        }
+        float* o = out + b * H * d + kv * G * d;
+        std::fill(o, o + G * d, 0.f);
+        std::vector<float> total(G);
+        for (int64_t g = 0; g < G; ++g) {
+          float* s = scores.data() + g * n;
+          const float m = *std::max_element(s, s + n);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < n; ++j) {
+            s[j] = fast_exp(s[j] - m);
+            sum += s[j];
+          }
+          total[g] = sum;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t t = lo + j;
+          const float* val = vc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
+          for (int64_t g = 0; g < G; ++g) {
+            const float w = scores[g * n + j];
+            float* og = o + g * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) og[i] += w * val[i];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < d; ++i) o[g * d + i] /= total[g];
+      }
+    });
+  }
+
+  at::Tensor embed_, final_norm_, inv_freq_;
+  double eps_;
+  int64_t H_, K_, d_;
+  double scale_;
+  bool interleaved_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Linear>(m, "Linear")
+      .def(py::init([](int64_t kind, at::Tensor weight, at::Tensor scales, int64_t group) {
+             TORCH_CHECK(kind == kDense || kind == kInt4 || kind == kInt8, "unknown linear kind ", kind);
+             return Linear{kind, std::move(weight), std::move(scales), group};
+           }),
+           py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("group"));
+  py::class_<DecodeStep>(m, "DecodeStep")
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, double, bool>())
+      .def("add_layer", &DecodeStep::add_layer)
+      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,134 @@
+"""herd's C++ decode step for CPU (csrc/decode_step.cpp): a step of decodes in one call.
+
+At batch 1 a decode step is ~300 small ops; torch.compile's graph still pays guards, input
+preparation and a Python wrapper per step, and the eager model a dispatch per op. The C++ step
+runs the layer loop, norms, RoPE, KV writes and paged attention itself and hands only the
+projections to torch's GEMM kernels (int4, int8 or float32). It covers float32 activations
+(float32 models and the int4-quantized default) of dense models; everything else, and every
+step with a prefill in it, runs the model's Python forward.
+
+The extension is built on first use with torch's C++ extension builder (about a minute;
+cached under ~/.cache/torch_extensions, rebuilt when the source changes).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels.int4_linear import Int4Linear
+from kernels.int8_linear import Int8Linear
+from models.llama4.model import MLP, Llama4Model
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
+DENSE, INT4, INT8 = 0, 1, 2
+PROFILE_NAME = "herd::decode_step"
+
+
+def unsupported_reason(model: Llama4Model) -> str | None:
+    """Why the C++ step cannot run this model, or None when it can."""
+    p = model.embed_tokens.weight
+    if p.device.type != "cpu":
+        return f"the model is on {p.device.type}"
+    if p.dtype != torch.float32:
+        return f"activations are {p.dtype} (the C++ step computes float32 models and int4-quantized ones)"
+    if type(model.embed_tokens) is not nn.Embedding:
+        return "the embedding is sharded"
+    for i, layer in enumerate(model.layers):
+        if type(layer.feed_forward) is not MLP:
+            return f"layer {i} is a mixture of experts"
+        attn, mlp = layer.self_attn, layer.feed_forward
+        for name, lin in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
+                          ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
+            if _linear_kind(lin) is None:
+                return f"layer {i}'s {name} is a {type(lin).__name__}"
+        if layer.input_layernorm.eps != model.norm.eps or layer.post_attention_layernorm.eps != model.norm.eps:
+            return f"layer {i}'s norms have their own eps"
+    return None
+
+
+def _linear_kind(lin: nn.Module) -> int | None:
+    if type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.float32:
+        return DENSE
+    if type(lin) is Int4Linear:
+        return INT4
+    if type(lin) is Int8Linear:
+        return INT8
+    return None
+
+
+@functools.cache
+def extension():
+    """Builds (once per source version) and imports the C++ extension."""
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # pip's ninja sits beside this interpreter, maybe not on PATH
+        os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
+    capability = torch.backends.cpu.get_cpu_capability()
+    vector = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    log.info("building herd's C++ decode step (once; about a minute)")
+    return cpp_extension.load(name=f"herd_decode_step_{capability.lower()}", sources=[str(SOURCE)],
+                              extra_cflags=["-O3", "-fopenmp", *vector], extra_ldflags=["-fopenmp"])
+
+
+class NativeDecode:
+    """The model's decode step over the engine's paged KV cache (its tensors, shared)."""
+
+    def __init__(self, model: Llama4Model, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                 block_size: int) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the C++ decode step cannot run this model: {reason}")
+        ext = extension()
+        c = model.config
+        a0 = model.layers[0].self_attn
+        self.block_size = block_size
+        self.step = ext.DecodeStep(model.embed_tokens.weight.detach().contiguous(),
+                                   model.norm.weight.detach().float().contiguous(),
+                                   model.inv_freq.float().contiguous(), float(model.norm.eps), a0.n_heads,
+                                   a0.n_kv, a0.head_dim, float(a0.scale), bool(c.rope_interleaved))
+        for layer, kc, vc in zip(model.layers, k_caches, v_caches, strict=True):
+            attn, mlp = layer.self_attn, layer.feed_forward
+            linears = [_native_linear(ext, lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                            mlp.down_proj)]
+            floor_scale, attn_scale = attn.temperature or (1.0, 0.0)
+            self.step.add_layer(layer.input_layernorm.weight.detach().float().contiguous(),
+                                layer.post_attention_layernorm.weight.detach().float().contiguous(), kc, vc,
+                                linears, attn.use_rope,
+                                -1.0 if attn.qk_norm_eps is None else float(attn.qk_norm_eps),
+                                attn.temperature is not None, float(floor_scale), float(attn_scale),
+                                attn.chunk_size or 0)
+
+    def __call__(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One token per sequence: its id, absolute position and block table -> hidden (B, D)."""
+        bs = self.block_size
+        used = [p // bs + 1 for p in positions]
+        width = max(used)
+        table = torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(block_tables, used)], dtype=torch.long)
+        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)],
+                             dtype=torch.long)
+        with torch.profiler.record_function(PROFILE_NAME):  # its self time: the C++ outside ATen ops
+            return self.step.forward(torch.tensor(ids, dtype=torch.long),
+                                     torch.tensor(positions, dtype=torch.long), slots, table)
+
+
+def _native_linear(ext, lin: nn.Module):
+    kind = _linear_kind(lin)
+    if kind == INT4:
+        if lin.scales_zeros.dtype != torch.bfloat16:
+            lin.scales_zeros = lin.scales_zeros.to(torch.bfloat16)
+        return ext.Linear(INT4, lin.packed, lin.scales_zeros, lin.group_size)
+    if kind == INT8:
+        if lin.scales.dtype != torch.bfloat16:
+            lin.scales = lin.scales.to(torch.bfloat16)
+        return ext.Linear(INT8, lin.weight_int8, lin.scales, 0)
+    return ext.Linear(DENSE, lin.weight.detach(), torch.empty(0), 0)
