@@ -74,7 +74,8 @@ def extension():
     if shutil.which("ninja") is None:  # pip's ninja sits beside this interpreter, maybe not on PATH
         os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
     capability = torch.backends.cpu.get_cpu_capability()
-    vector = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    vector = {"AVX2": ["-mavx2", "-mfma"],
+              "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mprefer-vector-width=512"]}.get(capability, [])
     log.info("building herd's C++ decode step (once; about a minute)")
     return cpp_extension.load(name=f"herd_decode_step_{capability.lower()}", sources=[str(SOURCE)],
                               extra_cflags=["-O3", "-fopenmp", *vector], extra_ldflags=["-fopenmp"])
