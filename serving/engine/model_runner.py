@@ -126,7 +126,8 @@ class ModelRunner:
         """The forward pass over the step's tokens -> logits of step.logit_rows. Under tensor
         parallelism every rank runs this with the same step (it holds the collectives)."""
         dev = self.device
-        if self.native is not None and all(s.q_len == 1 for s in step.slices):
+        if (self.native is not None and all(s.q_len == 1 for s in step.slices)
+                and not use_triton(self.model.embed_tokens.weight)):  # HERD_KERNELS=triton: the kernels
             hidden_TD = self.native(step.ids, step.positions, [s.block_table for s in step.slices])
             return self._logits(hidden_TD, step.logit_rows)
         positions_T = torch.tensor(step.positions, device=dev)

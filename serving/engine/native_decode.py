@@ -3,9 +3,10 @@
 At batch 1 a decode step is ~300 small ops; torch.compile's graph still pays guards, input
 preparation and a Python wrapper per step, and the eager model a dispatch per op. The C++ step
 runs the layer loop, norms, RoPE, KV writes and paged attention itself and hands only the
-projections to torch's GEMM kernels (int4, int8 or float32). It covers float32 activations
-(float32 models and the int4-quantized default) of dense models; everything else, and every
-step with a prefill in it, runs the model's Python forward.
+projections to torch's GEMM kernels (int4, int8, float32 or bfloat16). It covers dense models
+in float32 or bfloat16, int4-quantized or not; a bfloat16 model rounds where its eager ops
+round. Everything else (MoE layers, sharded layers, other dtypes), and every step with a
+prefill chunk longer than one token, runs the model's Python forward.
 
 The extension is built on first use with torch's C++ extension builder (about a minute;
 cached under ~/.cache/torch_extensions, rebuilt when the source changes).
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
 DENSE, INT4, INT8 = 0, 1, 2
+DTYPES = (torch.float32, torch.bfloat16)
 PROFILE_NAME = "herd::decode_step"
 
 
@@ -39,8 +41,8 @@ def unsupported_reason(model: Llama4Model) -> str | None:
     p = model.embed_tokens.weight
     if p.device.type != "cpu":
         return f"the model is on {p.device.type}"
-    if p.dtype != torch.float32:
-        return f"activations are {p.dtype} (the C++ step computes float32 models and int4-quantized ones)"
+    if p.dtype not in DTYPES:
+        return f"activations are {p.dtype} (the C++ step runs float32 and bfloat16 models)"
     if type(model.embed_tokens) is not nn.Embedding:
         return "the embedding is sharded"
     for i, layer in enumerate(model.layers):
@@ -49,15 +51,15 @@ def unsupported_reason(model: Llama4Model) -> str | None:
         attn, mlp = layer.self_attn, layer.feed_forward
         for name, lin in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
                           ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
-            if _linear_kind(lin) is None:
+            if _linear_kind(lin, p.dtype) is None:
                 return f"layer {i}'s {name} is a {type(lin).__name__}"
         if layer.input_layernorm.eps != model.norm.eps or layer.post_attention_layernorm.eps != model.norm.eps:
             return f"layer {i}'s norms have their own eps"
     return None
 
 
-def _linear_kind(lin: nn.Module) -> int | None:
-    if type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.float32:
+def _linear_kind(lin: nn.Module, dtype: torch.dtype) -> int | None:
+    if type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == dtype:
         return DENSE
     if type(lin) is Int4Linear:
         return INT4
@@ -93,13 +95,14 @@ class NativeDecode:
         c = model.config
         a0 = model.layers[0].self_attn
         self.block_size = block_size
+        self.dtype = model.embed_tokens.weight.dtype
         self.step = ext.DecodeStep(model.embed_tokens.weight.detach().contiguous(),
                                    model.norm.weight.detach().float().contiguous(),
                                    model.inv_freq.float().contiguous(), float(model.norm.eps), a0.n_heads,
                                    a0.n_kv, a0.head_dim, float(a0.scale), bool(c.rope_interleaved))
         for layer, kc, vc in zip(model.layers, k_caches, v_caches, strict=True):
             attn, mlp = layer.self_attn, layer.feed_forward
-            linears = [_native_linear(ext, lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+            linears = [_native_linear(ext, lin, self.dtype) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                             mlp.down_proj)]
             floor_scale, attn_scale = attn.temperature or (1.0, 0.0)
             self.step.add_layer(layer.input_layernorm.weight.detach().float().contiguous(),
@@ -122,8 +125,8 @@ class NativeDecode:
                                      torch.tensor(positions, dtype=torch.long), slots, table)
 
 
-def _native_linear(ext, lin: nn.Module):
-    kind = _linear_kind(lin)
+def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
+    kind = _linear_kind(lin, dtype)
     if kind == INT4:
         if lin.scales_zeros.dtype != torch.bfloat16:
             lin.scales_zeros = lin.scales_zeros.to(torch.bfloat16)

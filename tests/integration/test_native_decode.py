@@ -6,12 +6,14 @@ run are named with the reason and keep torch.compile."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from models.llama4 import load_model
 from models.llama4.generate import generate_tokens
 from serving.engine import SamplingParams
-from serving.engine.model_runner import ModelRunner
+from serving.engine.model_runner import ModelRunner, StepInputs
 from serving.engine.native_decode import unsupported_reason
+from serving.engine.paged_attention import SeqSlice
 from tests.integration.test_engine import _prompts, engine_for, run
 from tests.parity import tiny_checkpoints as tiny
 
@@ -42,8 +44,26 @@ def test_batched_with_preemption_equals_alone(dense_llama4):
 def test_unsupported_models_say_why(tiny_llama4, dense_llama4):
     assert unsupported_reason(dense_llama4.model) is None
     assert unsupported_reason(tiny_llama4.model).endswith("is a mixture of experts")
-    bf16 = load_model(dense_llama4.path, dtype="bfloat16").model
-    assert unsupported_reason(bf16).startswith("activations are torch.bfloat16")
+    fp16 = load_model(dense_llama4.path, dtype="float16").model
+    assert unsupported_reason(fp16).startswith("activations are torch.float16")
     # Opting out keeps torch.compile (not run here: nothing compiles before the first step).
     runner = ModelRunner(dense_llama4.model, 8, 4, stop_ids_for=lambda seq: (), compile=True, native_decode=False)
     assert runner.native is None and runner.decode_forward is not dense_llama4.model.forward
+
+
+def test_bfloat16_step_follows_the_eager_model(dense_llama4):
+    """In bfloat16 the C++ step rounds where the eager ops round: the same logits up to
+    summation order, over a prompt longer than the chunk and 12 decode steps."""
+    model = load_model(dense_llama4.path, dtype="bfloat16").model
+    eager, native = (ModelRunner(model, 16, 4, stop_ids_for=lambda seq: (), compile=c) for c in (False, True))
+    assert native.native is not None and native.k_caches[0].dtype == torch.bfloat16
+    ids = _prompts(1, [21])[0]
+    table = list(range(16))
+    step = StepInputs(ids, list(range(len(ids))), [SeqSlice(0, len(ids), len(ids), table)], [len(ids) - 1])
+    for _ in range(13):
+        want, got = eager.run_model(step), native.run_model(step)
+        diff = (got.float() - want.float()).abs()
+        # Logits here are within +-2, where a bfloat16 step is 1/128: a few steps at most.
+        assert float(diff.max()) <= 0.04 and float(diff.mean()) <= 0.008, (float(diff.max()), float(diff.mean()))
+        pos = step.positions[-1] + 1
+        step = StepInputs([int(want.argmax())], [pos], [SeqSlice(0, 1, pos + 1, table)], [0])

@@ -4,7 +4,10 @@
 // each pays dispatch, guard and wrapper costs that dwarf its arithmetic. Here the layer loop,
 // norms, RoPE, KV writes and paged attention are plain C++ loops over float32 rows, and only
 // the projections go to ATen (torch's int4 / int8 / float GEMM kernels). Semantics follow
-// models/llama4/model.py exactly (see serving/engine/native_decode.py for who may use it).
+// models/llama4/model.py (see serving/engine/native_decode.py for who may use it). A bfloat16
+// model keeps its KV cache in bfloat16 and rounds to bfloat16 wherever its eager ops round
+// (after each norm, residual add, RoPE, attention, SiLU and product), so it computes what the
+// eager model does, up to summation order.
 
 #include <torch/extension.h>
 
@@ -21,7 +24,7 @@ enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2 };
 
 struct Linear {
   int64_t kind;
-  at::Tensor weight;  // dense (N, K) float32; int4: packed; int8: (N, K) int8
+  at::Tensor weight;  // dense (N, K) float32 or bf16; int4: packed; int8: (N, K) int8
   at::Tensor scales;  // int4: scales_zeros (bf16); int8: per-row scales (bf16); dense: unused
   int64_t group;
 
@@ -31,14 +34,15 @@ struct Linear {
         return at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), weight, group, scales).to(at::kFloat);
       case kInt8:
         return at::_weight_int8pack_mm(x.to(at::kBFloat16), weight, scales).to(at::kFloat);
-      default:
-        return at::linear(x, weight);
+      default:  // float32 or bfloat16 weights; x holds values exact in either
+        return weight.scalar_type() == at::kFloat ? at::linear(x, weight)
+                                                  : at::linear(x.to(weight.scalar_type()), weight).to(at::kFloat);
     }
   }
 };
 
 struct Layer {
-  at::Tensor in_norm, post_norm, k_cache, v_cache;  // caches (blocks, block_size, K, d) float32
+  at::Tensor in_norm, post_norm, k_cache, v_cache;  // caches (blocks, block_size, K, d), model dtype
   Linear qkv, o, gate_up, down;
   bool rope;
   double qk_norm_eps;  // < 0: no qk norm
@@ -47,10 +51,41 @@ struct Layer {
   int64_t chunk;  // 0: global attention
 };
 
-inline float dot(const float* a, const float* b, int64_t n) {
+inline float as_float(float v) { return v; }
+inline float as_float(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) {  // v is already a bfloat16 value: keep its top half
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  p->x = static_cast<uint16_t>(bits >> 16);
+}
+
+// The nearest bfloat16 (ties to even), as a float; in plain arithmetic so that loops vectorize.
+inline float bf16_round(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+}
+
+// Rounds where the eager model's dtype rounds: bfloat16 models do, float32 ones not.
+struct Rounding {
+  bool bf16;
+  float operator()(float v) const { return bf16 ? bf16_round(v) : v; }
+};
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * as_float(b[i]);
   return acc;
 }
 
@@ -74,31 +109,32 @@ inline float fast_exp(float x) {
 }
 
 // res = first ? x : x + res; out = res / rms(res) * w (w may be null: weightless).
-void add_rms_norm(const float* x, float* res, const float* w, float* out, int64_t D, double eps, bool first) {
+void add_rms_norm(const float* x, float* res, const float* w, float* out, int64_t D, double eps, bool first,
+                  Rounding R) {
   double ss = 0.0;
   for (int64_t i = 0; i < D; ++i) {
-    float r = first ? x[i] : x[i] + res[i];
+    const float r = first ? x[i] : R(x[i] + res[i]);
     res[i] = r;
     ss += static_cast<double>(r) * r;
   }
   const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + static_cast<float>(eps));
-  for (int64_t i = 0; i < D; ++i) out[i] = w ? (res[i] * inv) * w[i] : res[i] * inv;
+  for (int64_t i = 0; i < D; ++i) out[i] = w ? R(R(res[i] * inv) * w[i]) : R(res[i] * inv);
 }
 
-void rms_norm_inplace(float* x, int64_t D, double eps) {
+void rms_norm_inplace(float* x, int64_t D, double eps, Rounding R) {
   double ss = 0.0;
   for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(x[i]) * x[i];
   const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + static_cast<float>(eps));
-  for (int64_t i = 0; i < D; ++i) x[i] *= inv;
+  for (int64_t i = 0; i < D; ++i) x[i] = R(x[i] * inv);
 }
 
-void rotate(float* x, const float* cos, const float* sin, int64_t d, bool interleaved) {
+void rotate(float* x, const float* cos, const float* sin, int64_t d, bool interleaved, Rounding R) {
   const int64_t half = d / 2;
   for (int64_t i = 0; i < half; ++i) {
     const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
     const float x1 = x[a], x2 = x[b];
-    x[a] = x1 * cos[i] - x2 * sin[i];
-    x[b] = x2 * cos[i] + x1 * sin[i];
+    x[a] = R(x1 * cos[i] - x2 * sin[i]);
+    x[b] = R(x2 * cos[i] + x1 * sin[i]);
   }
 }
 
@@ -107,8 +143,10 @@ class DecodeStep {
   DecodeStep(at::Tensor embed, at::Tensor final_norm, at::Tensor inv_freq, double eps, int64_t n_heads,
              int64_t n_kv, int64_t head_dim, double scale, bool interleaved)
       : embed_(std::move(embed)), final_norm_(std::move(final_norm)), inv_freq_(std::move(inv_freq)),
-        eps_(eps), H_(n_heads), K_(n_kv), d_(head_dim), scale_(scale), interleaved_(interleaved) {
-    TORCH_CHECK(embed_.scalar_type() == at::kFloat && embed_.is_contiguous(), "embed must be contiguous float32");
+        eps_(eps), H_(n_heads), K_(n_kv), d_(head_dim), scale_(scale), interleaved_(interleaved),
+        dtype_(embed_.scalar_type()), R_{dtype_ == at::kBFloat16} {
+    TORCH_CHECK((dtype_ == at::kFloat || dtype_ == at::kBFloat16) && embed_.is_contiguous(),
+                "embed must be contiguous float32 or bfloat16");
     TORCH_CHECK(inv_freq_.numel() * 2 == d_, "inv_freq has ", inv_freq_.numel(), " entries for head_dim ", d_);
     TORCH_CHECK(H_ % K_ == 0, "n_heads ", H_, " is not a multiple of n_kv ", K_);
   }
@@ -118,16 +156,17 @@ class DecodeStep {
                  double floor_scale, double attn_scale, int64_t chunk) {
     TORCH_CHECK(linears.size() == 4, "a layer has 4 linears (qkv, o, gate_up, down)");
     for (const auto& c : {k_cache, v_cache}) {
-      TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(2) == K_ &&
+      TORCH_CHECK(c.scalar_type() == dtype_ && c.is_contiguous() && c.dim() == 4 && c.size(2) == K_ &&
                       c.size(3) == d_,
-                  "KV caches must be contiguous float32 (blocks, block_size, ", K_, ", ", d_, ")");
+                  "KV caches must be contiguous ", dtype_, " (blocks, block_size, ", K_, ", ", d_, ")");
     }
     layers_.push_back(Layer{std::move(in_norm), std::move(post_norm), std::move(k_cache), std::move(v_cache),
                             linears[0], linears[1], linears[2], linears[3], rope, qk_norm_eps, temperature,
                             floor_scale, attn_scale, chunk});
   }
 
-  // ids, positions, slots (B,) int64; block_table (B, nb) int64 -> final hidden states (B, D).
+  // ids, positions, slots (B,) int64; block_table (B, nb) int64 -> final hidden states (B, D)
+  // in the model's dtype.
   at::Tensor forward(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
                      const at::Tensor& block_table) const {
     const int64_t B = ids.size(0), half = d_ / 2;
@@ -148,14 +187,20 @@ class DecodeStep {
         sin[b * half + i] = std::sin(f);
       }
 
-    at::Tensor x = embed_.index_select(0, ids);
+    at::Tensor x = embed_.index_select(0, ids).to(at::kFloat);
     at::Tensor res = at::empty_like(x), h = at::empty_like(x), attn = at::empty({B, H_ * d_}, x.options());
+    const Rounding R = R_;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       norm_rows(x, res, L.in_norm, h, l == 0);
       at::Tensor qkv = L.qkv(h);
-      prepare_qkv(L, qkv.data_ptr<float>(), B, pos, slot, cos.data(), sin.data());
-      attend(L, qkv.data_ptr<float>(), attn.data_ptr<float>(), B, pos, table, nb);
+      if (R.bf16) {
+        prepare_qkv<c10::BFloat16>(L, qkv.data_ptr<float>(), B, pos, slot, cos.data(), sin.data());
+        attend<c10::BFloat16>(L, qkv.data_ptr<float>(), attn.data_ptr<float>(), B, pos, table, nb);
+      } else {
+        prepare_qkv<float>(L, qkv.data_ptr<float>(), B, pos, slot, cos.data(), sin.data());
+        attend<float>(L, qkv.data_ptr<float>(), attn.data_ptr<float>(), B, pos, table, nb);
+      }
       at::Tensor o = L.o(attn);
       norm_rows(o, res, L.post_norm, h, false);
       at::Tensor gu = L.gate_up(h);
@@ -168,13 +213,13 @@ class DecodeStep {
         const float* up = gate + I;
         float* ab = a + b * I;
 #pragma omp simd
-        for (int64_t i = 0; i < I; ++i) ab[i] = gate[i] / (1.0f + fast_exp(-gate[i])) * up[i];
+        for (int64_t i = 0; i < I; ++i) ab[i] = R(R(gate[i] / (1.0f + fast_exp(-gate[i]))) * up[i]);
       }
       x = L.down(act);
     }
     at::Tensor out = at::empty_like(x);
     norm_rows(x, res, final_norm_, out, false);
-    return out;
+    return out.to(dtype_);
   }
 
  private:
@@ -184,44 +229,50 @@ class DecodeStep {
     float* rp = res.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) add_rms_norm(xp + b * D, rp + b * D, wp, op + b * D, D, eps_, first);
+    for (int64_t b = 0; b < B; ++b) add_rms_norm(xp + b * D, rp + b * D, wp, op + b * D, D, eps_, first, R_);
   }
 
   // RoPE / qk-norm / temperature on q and k in place, then k and v into the cache.
+  template <typename T>
   void prepare_qkv(const Layer& L, float* qkv, int64_t B, const int64_t* pos, const int64_t* slot,
                    const float* cos, const float* sin) const {
     const int64_t d = d_, H = H_, K = K_, half = d_ / 2, row = (H + 2 * K) * d;
-    float* kc = L.k_cache.data_ptr<float>();
-    float* vc = L.v_cache.data_ptr<float>();
+    const Rounding R = R_;
+    T* kc = L.k_cache.data_ptr<T>();
+    T* vc = L.v_cache.data_ptr<T>();
     for (int64_t b = 0; b < B; ++b) {
       float* q = qkv + b * row;
       float* k = q + H * d;
       const float* v = k + K * d;
       if (L.rope) {
-        for (int64_t hh = 0; hh < H; ++hh) rotate(q + hh * d, cos + b * half, sin + b * half, d, interleaved_);
-        for (int64_t kk = 0; kk < K; ++kk) rotate(k + kk * d, cos + b * half, sin + b * half, d, interleaved_);
+        for (int64_t hh = 0; hh < H; ++hh) rotate(q + hh * d, cos + b * half, sin + b * half, d, interleaved_, R);
+        for (int64_t kk = 0; kk < K; ++kk) rotate(k + kk * d, cos + b * half, sin + b * half, d, interleaved_, R);
         if (L.qk_norm_eps >= 0) {
-          for (int64_t hh = 0; hh < H; ++hh) rms_norm_inplace(q + hh * d, d, L.qk_norm_eps);
-          for (int64_t kk = 0; kk < K; ++kk) rms_norm_inplace(k + kk * d, d, L.qk_norm_eps);
+          for (int64_t hh = 0; hh < H; ++hh) rms_norm_inplace(q + hh * d, d, L.qk_norm_eps, R);
+          for (int64_t kk = 0; kk < K; ++kk) rms_norm_inplace(k + kk * d, d, L.qk_norm_eps, R);
         }
       } else if (L.temperature) {
         const float fs = static_cast<float>(L.floor_scale), as = static_cast<float>(L.attn_scale);
         const float t = std::log1p(std::floor((static_cast<float>(pos[b]) + 1.0f) / fs)) * as + 1.0f;
-        for (int64_t i = 0; i < H * d; ++i) q[i] *= t;
+        for (int64_t i = 0; i < H * d; ++i) q[i] = R(q[i] * t);
       }
-      std::copy(k, k + K * d, kc + slot[b] * K * d);
-      std::copy(v, v + K * d, vc + slot[b] * K * d);
+      for (int64_t i = 0; i < K * d; ++i) {
+        store(kc + slot[b] * K * d + i, k[i]);
+        store(vc + slot[b] * K * d + i, v[i]);
+      }
     }
   }
 
   // Each (sequence, KV head): its G query heads against the keys it may see, read in place
   // from the paged cache (no gather), softmax in float32.
+  template <typename T>
   void attend(const Layer& L, const float* qkv, float* out, int64_t B, const int64_t* pos, const int64_t* table,
               int64_t nb) const {
     const int64_t d = d_, H = H_, K = K_, G = H_ / K_, row = (H + 2 * K) * d;
     const int64_t bs = L.k_cache.size(1);
-    const float* kc = L.k_cache.data_ptr<float>();
-    const float* vc = L.v_cache.data_ptr<float>();
+    const T* kc = L.k_cache.data_ptr<T>();
+    const T* vc = L.v_cache.data_ptr<T>();
+    const Rounding R = R_;
     const float scale = static_cast<float>(scale_);
     at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
@@ -233,7 +284,7 @@ class DecodeStep {
         scores.assign(G * n, 0.f);
         for (int64_t j = 0; j < n; ++j) {
           const int64_t t = lo + j;
-          const float* key = kc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
+          const T* key = kc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
           for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot(q + g * d, key, d) * scale;
         }
         float* o = out + b * H * d + kv * G * d;
@@ -252,16 +303,16 @@ class DecodeStep {
         }
         for (int64_t j = 0; j < n; ++j) {
           const int64_t t = lo + j;
-          const float* val = vc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
+          const T* val = vc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
           for (int64_t g = 0; g < G; ++g) {
             const float w = scores[g * n + j];
             float* og = o + g * d;
 #pragma omp simd
-            for (int64_t i = 0; i < d; ++i) og[i] += w * val[i];
+            for (int64_t i = 0; i < d; ++i) og[i] += w * as_float(val[i]);
           }
         }
         for (int64_t g = 0; g < G; ++g)
-          for (int64_t i = 0; i < d; ++i) o[g * d + i] /= total[g];
+          for (int64_t i = 0; i < d; ++i) o[g * d + i] = R(o[g * d + i] / total[g]);
       }
     });
   }
@@ -271,6 +322,8 @@ class DecodeStep {
   int64_t H_, K_, d_;
   double scale_;
   bool interleaved_;
+  at::ScalarType dtype_;  // the model's: activations round to it, KV caches hold it
+  Rounding R_;
   std::vector<Layer> layers_;
 };
 
