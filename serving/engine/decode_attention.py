@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 CASCADE_MIN_TOKENS = 128  # a shared prefix shorter than this is not worth a second pass
 
 
-def _shared_prefix_blocks(seqs: list[SeqSlice], block_size: int) -> int:
+def shared_prefix_blocks(seqs: list[SeqSlice], block_size: int) -> int:
     """Leading blocks every sequence shares, leaving each at least its newest token's block."""
     if len(seqs) < 2:
         return 0
@@ -119,7 +119,7 @@ def decode_groups(seqs: list[SeqSlice], block_size: int, pad_block: int,
         by_first[s.block_table[0]].append(s)
     groups, cascaded = [], set()
     for members in by_first.values():
-        shared = _shared_prefix_blocks(members, block_size)
+        shared = shared_prefix_blocks(members, block_size)
         if shared * block_size >= CASCADE_MIN_TOKENS:
             groups.append(DecodeGroup(members, shared, block_size, pad_block, positions_T))
             cascaded.update(id(s) for s in members)

@@ -128,7 +128,7 @@ class ModelRunner:
         dev = self.device
         if (self.native is not None and all(s.q_len == 1 for s in step.slices)
                 and not use_triton(self.model.embed_tokens.weight)):  # HERD_KERNELS=triton: the kernels
-            hidden_TD = self.native(step.ids, step.positions, [s.block_table for s in step.slices])
+            hidden_TD = self.native(step.ids, step.slices)
             return self._logits(hidden_TD, step.logit_rows)
         positions_T = torch.tensor(step.positions, device=dev)
         if use_triton(positions_T):  # the Triton kernels of kernels/ (CUDA, or interpreted in tests)

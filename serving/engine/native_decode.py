@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sysconfig
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from torch import nn
 from kernels.int4_linear import Int4Linear
 from kernels.int8_linear import Int8Linear
 from models.llama4.model import MLP, Llama4Model
+from serving.engine.decode_attention import CASCADE_MIN_TOKENS, shared_prefix_blocks
+from serving.engine.paged_attention import SeqSlice
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +115,42 @@ class NativeDecode:
                                 attn.temperature is not None, float(floor_scale), float(attn_scale),
                                 attn.chunk_size or 0)
 
-    def __call__(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One token per sequence: its id, absolute position and block table -> hidden (B, D)."""
+    def __call__(self, ids: list[int], slices: list[SeqSlice]) -> torch.Tensor:
+        """One token per sequence (its slice: position context_len - 1) -> hidden (B, D)."""
         bs = self.block_size
+        positions = [s.context_len - 1 for s in slices]
         used = [p // bs + 1 for p in positions]
         width = max(used)
-        table = torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(block_tables, used)], dtype=torch.long)
-        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)],
+        table = torch.tensor([s.block_table[:n] + [0] * (width - n) for s, n in zip(slices, used)],
                              dtype=torch.long)
+        slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(slices, positions)],
+                             dtype=torch.long)
+        order, starts, shared = _cascade_groups(slices, bs)
         with torch.profiler.record_function(PROFILE_NAME):  # its self time: the C++ outside ATen ops
-            return self.step.forward(torch.tensor(ids, dtype=torch.long),
-                                     torch.tensor(positions, dtype=torch.long), slots, table)
+            return self.step.forward(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                                     slots, table, order, starts, shared)
+
+
+def _cascade_groups(slices: list[SeqSlice], block_size: int):
+    """The batch as cascade groups (decode_attention's rule: same first block, a shared prefix
+    of at least CASCADE_MIN_TOKENS), then one group per other sequence: (rows in group order,
+    each group's start in it plus the end, each group's shared prefix in tokens)."""
+    by_first: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(slices):
+        by_first[s.block_table[0]].append(i)
+    order: list[int] = []
+    starts: list[int] = []
+    shared: list[int] = []
+    for members in by_first.values():
+        n = shared_prefix_blocks([slices[i] for i in members], block_size) * block_size
+        groups = [members] if n >= CASCADE_MIN_TOKENS else [[i] for i in members]
+        for g in groups:
+            starts.append(len(order))
+            shared.append(n if len(g) > 1 else 0)
+            order.extend(g)
+    starts.append(len(order))
+    return (torch.tensor(order, dtype=torch.long), torch.tensor(starts, dtype=torch.long),
+            torch.tensor(shared, dtype=torch.long))
 
 
 def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
