@@ -72,8 +72,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="how tool calls are read from the model's output (auto: from its chat template)")
     step = p.add_mutually_exclusive_group()
     step.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
-                      help="torch.compile the decode step (the default on CPU; the first start takes a "
-                           "minute or two)")
+                      help="compile the decode step (the default on CPU): herd's C++ step for dense "
+                           "float32/bfloat16 models (built once, about a minute), torch.compile for others "
+                           "(a minute or two at each start)")
     step.add_argument("--enforce-eager", dest="compile", action="store_const", const=False,
                       help="run the model eagerly: quick start, slower decode (the default off CPU until "
                            "compiled decode is checked there)")

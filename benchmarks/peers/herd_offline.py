@@ -30,7 +30,8 @@ def extra_args(ap):
                     help="fraction of total memory for weights + activations + KV cache")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="default: the longest prompt + max_tokens, rounded up to 256")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model step")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the decode step (herd's C++ step where the model allows, else torch.compile)")
     ap.add_argument("--dtype", default=None, help="default: the workload's (with --quantization int4 "
                     "pass auto: float32 activations)")
     ap.add_argument("--quantization", default=None, help="e.g. int4 (herd's weight-only int4 on CPU)")

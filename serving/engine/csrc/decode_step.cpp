@@ -305,11 +305,13 @@ class DecodeStep {
   }
 
   // softmax(q k^T * scale) v over keys [lo, hi) of the cache seen through `table_row`, for
-  // `rows` queries (G heads of `rows / G` sequences, q rows `q` apart): unnormalised outputs
-  // into o (rows x d), each row's max score and sum of exp.
+  // `rows` queries (G heads of `rows / G` sequences): unnormalised outputs into o (rows x d),
+  // each row's max score and sum of exp. Many rows (a cascade group's shared prefix) go
+  // through two GEMMs over the span copied out once; a few rows read it in place.
   template <typename T>
   void attend_span(const Layer& L, const float* const* q, int64_t rows, const int64_t* table_row, int64_t lo,
                    int64_t hi, float* o, float* m, float* l, std::vector<float>& scores, int64_t kv) const {
+    if (rows >= kGemmRows) return attend_span_gemm<T>(L, q, rows, table_row, lo, hi, o, m, l, kv);
     const int64_t d = d_, K = K_, n = hi - lo, bs = L.k_cache.size(1);
     const T* kc = L.k_cache.data_ptr<T>();
     const T* vc = L.v_cache.data_ptr<T>();
@@ -342,6 +344,40 @@ class DecodeStep {
         for (int64_t i = 0; i < d; ++i) orow[i] += w * as_float(val[i]);
       }
     }
+  }
+
+  static constexpr int64_t kGemmRows = 16;
+
+  template <typename T>
+  void attend_span_gemm(const Layer& L, const float* const* q, int64_t rows, const int64_t* table_row, int64_t lo,
+                        int64_t hi, float* o, float* m, float* l, int64_t kv) const {
+    const int64_t d = d_, K = K_, n = hi - lo, bs = L.k_cache.size(1);
+    const T* kc = L.k_cache.data_ptr<T>();
+    const T* vc = L.v_cache.data_ptr<T>();
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor keys = at::empty({n, d}, f32), values = at::empty({n, d}, f32), queries = at::empty({rows, d}, f32);
+    float* kp = keys.data_ptr<float>();
+    float* vp = values.data_ptr<float>();
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = lo + j, off = ((table_row[t / bs] * bs + t % bs) * K + kv) * d;
+      for (int64_t i = 0; i < d; ++i) kp[j * d + i] = as_float(kc[off + i]), vp[j * d + i] = as_float(vc[off + i]);
+    }
+    for (int64_t r = 0; r < rows; ++r) std::copy(q[r], q[r] + d, queries.data_ptr<float>() + r * d);
+    at::Tensor s = at::mm(queries, keys.t()).mul_(scale_);  // (rows, n); one thread: we are inside a task
+    float* sp = s.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = sp + r * n;
+      const float mr = *std::max_element(sr, sr + n);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        sr[j] = fast_exp(sr[j] - mr);
+        sum += sr[j];
+      }
+      m[r] = mr, l[r] = sum;
+    }
+    at::Tensor out = at::mm(s, values);
+    std::copy(out.data_ptr<float>(), out.data_ptr<float>() + rows * d, o);
   }
 
   // Each task's queries against the keys they may see, read in place from the paged cache
