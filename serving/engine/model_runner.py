@@ -11,7 +11,7 @@ import torch
 
 from kernels.dispatch import use_triton
 from models.llama4.model import Llama4Model
-from serving.engine.native_decode import NativeDecode, unsupported_reason
+from serving.engine.native_decode import NativeDecode, shares_prefix, unsupported_reason
 from serving.engine.outputs import PositionLogprobs
 from serving.engine.paged_attention import PagedAttention, SeqSlice
 from serving.engine.sampler import Sample, SampleRow, prompt_logprobs, sample
@@ -127,6 +127,7 @@ class ModelRunner:
         parallelism every rank runs this with the same step (it holds the collectives)."""
         dev = self.device
         if (self.native is not None and all(s.q_len == 1 for s in step.slices)
+                and not shares_prefix(step.slices, self.block_size)
                 and not use_triton(self.model.embed_tokens.weight)):  # HERD_KERNELS=triton: the kernels
             hidden_TD = self.native(step.ids, step.slices)
             return self._logits(hidden_TD, step.logit_rows)

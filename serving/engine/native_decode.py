@@ -125,32 +125,21 @@ class NativeDecode:
                              dtype=torch.long)
         slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(slices, positions)],
                              dtype=torch.long)
-        order, starts, shared = _cascade_groups(slices, bs)
         with torch.profiler.record_function(PROFILE_NAME):  # its self time: the C++ outside ATen ops
             return self.step.forward(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                                     slots, table, order, starts, shared)
+                                     slots, table)
 
 
-def _cascade_groups(slices: list[SeqSlice], block_size: int):
-    """The batch as cascade groups (decode_attention's rule: same first block, a shared prefix
-    of at least CASCADE_MIN_TOKENS), then one group per other sequence: (rows in group order,
-    each group's start in it plus the end, each group's shared prefix in tokens)."""
-    by_first: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(slices):
-        by_first[s.block_table[0]].append(i)
-    order: list[int] = []
-    starts: list[int] = []
-    shared: list[int] = []
-    for members in by_first.values():
-        n = shared_prefix_blocks([slices[i] for i in members], block_size) * block_size
-        groups = [members] if n >= CASCADE_MIN_TOKENS else [[i] for i in members]
-        for g in groups:
-            starts.append(len(order))
-            shared.append(n if len(g) > 1 else 0)
-            order.extend(g)
-    starts.append(len(order))
-    return (torch.tensor(order, dtype=torch.long), torch.tensor(starts, dtype=torch.long),
-            torch.tensor(shared, dtype=torch.long))
+def shares_prefix(slices: list[SeqSlice], block_size: int) -> bool:
+    """Whether some sequences form a cascade group (decode_attention's rule: the same first
+    block and a shared prefix of at least CASCADE_MIN_TOKENS). Such steps run the Python decode
+    path, whose cascade reads the prefix once for the group in batched GEMMs: measured faster
+    there than the C++ step reading it per sequence (see the 2026-11-30 prefix-64x64 results)."""
+    by_first: dict[int, list[SeqSlice]] = defaultdict(list)
+    for s in slices:
+        by_first[s.block_table[0]].append(s)
+    return any(shared_prefix_blocks(members, block_size) * block_size >= CASCADE_MIN_TOKENS
+               for members in by_first.values())
 
 
 def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):

@@ -10,7 +10,7 @@ import torch
 
 from models.llama4 import load_model
 from models.llama4.generate import generate_tokens
-from serving.engine import SamplingParams, native_decode
+from serving.engine import SamplingParams, model_runner
 from serving.engine.model_runner import ModelRunner, StepInputs
 from serving.engine.native_decode import unsupported_reason
 from serving.engine.paged_attention import SeqSlice
@@ -69,25 +69,23 @@ def test_bfloat16_step_follows_the_eager_model(dense_llama4):
         step = StepInputs([int(want.argmax())], [pos], [SeqSlice(0, 1, pos + 1, table)], [0])
 
 
-def test_shared_prefix_is_read_once_per_group_and_changes_nothing(dense_llama4, monkeypatch):
-    """Requests sharing a cached 140-token prefix decode as one cascade group (the prefix's keys
-    read once for all of them on global layers) and still get what each gets alone."""
+def test_steps_with_a_shared_prefix_take_the_cascade_path(dense_llama4, monkeypatch):
+    """Requests sharing a cached 140-token prefix decode through the Python cascade (the prefix
+    read once per group) rather than the C++ step, and still get what each gets alone."""
     engine = engine_for(dense_llama4, compile=True, num_kv_blocks=240, max_model_len=200,
                         max_num_batched_tokens=64)
     prefix = _prompts(1, [140])[0]
     prompts = [prefix + tail for tail in _prompts(5, [3, 9, 17, 6, 12])]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    groups, grouping = [], native_decode._cascade_groups
+    verdicts, rule = [], model_runner.shares_prefix
 
     def recorded(slices, block_size):
-        order, starts, shared = grouping(slices, block_size)
-        groups.append((len(slices), starts.tolist(), shared.tolist()))
-        return order, starts, shared
+        verdicts.append((len(slices), rule(slices, block_size)))
+        return verdicts[-1][1]
 
-    monkeypatch.setattr(native_decode, "_cascade_groups", recorded)
+    monkeypatch.setattr(model_runner, "shares_prefix", recorded)
     reqs = [(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
     out = run(engine, [reqs[:1], [], reqs[1:]])
-    # All five in one group, sharing (at least the cascade's minimum of) the prefix's blocks.
-    assert any(n == 5 and starts == [0, 5] and shared[0] >= 128 for n, starts, shared in groups)
+    assert (5, True) in verdicts
     for i, p in enumerate(prompts):
         assert out[f"r{i}"].outputs[0].token_ids == list(generate_tokens(dense_llama4.model, p, 10)), f"request {i}"

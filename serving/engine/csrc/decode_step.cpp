@@ -167,12 +167,10 @@ class DecodeStep {
                             floor_scale, attn_scale, chunk});
   }
 
-  // ids, positions, slots (B,) int64; block_table (B, nb) int64; the sequences in cascade
-  // order (B,) int64, groups' starts in it (groups + 1,) and shared prefix lengths in tokens
-  // (groups,) -> final hidden states (B, D) in the model's dtype.
+  // ids, positions, slots (B,) int64; block_table (B, nb) int64 -> final hidden states (B, D)
+  // in the model's dtype.
   at::Tensor forward(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
-                     const at::Tensor& block_table, const at::Tensor& order, const at::Tensor& group_starts,
-                     const at::Tensor& group_shared) const {
+                     const at::Tensor& block_table) const {
     const int64_t B = ids.size(0), half = d_ / 2;
     TORCH_CHECK(positions.size(0) == B && slots.size(0) == B && block_table.size(0) == B,
                 "ids, positions, slots and block_table disagree on the batch size");
@@ -180,13 +178,6 @@ class DecodeStep {
     const int64_t* slot = slots.data_ptr<int64_t>();
     const int64_t* table = block_table.data_ptr<int64_t>();
     const int64_t nb = block_table.size(1);
-    TORCH_CHECK(order.size(0) == B && group_starts.size(0) == group_shared.size(0) + 1,
-                "order, group_starts and group_shared disagree");
-    std::vector<Task> global, chunked;
-    make_tasks(group_starts, group_shared, B, global, chunked);
-    const int64_t* ord = order.data_ptr<int64_t>();
-    std::vector<int64_t> identity(B);
-    for (int64_t b = 0; b < B; ++b) identity[b] = b;
 
     // cos/sin of every token's angles, shared by all RoPE layers.
     std::vector<float> cos(B * half), sin(B * half);
@@ -205,14 +196,12 @@ class DecodeStep {
       const Layer& L = layers_[l];
       norm_rows(x, res, L.in_norm, h, l == 0);
       at::Tensor qkv = L.qkv(h);
-      const std::vector<Task>& tasks = L.chunk > 0 ? chunked : global;
-      const int64_t* task_order = L.chunk > 0 ? identity.data() : ord;
       if (R.bf16) {
         prepare_qkv<c10::BFloat16>(L, qkv.data_ptr<float>(), B, pos, slot, cos.data(), sin.data());
-        attend<c10::BFloat16>(L, tasks, qkv.data_ptr<float>(), attn.data_ptr<float>(), task_order, pos, table, nb);
+        attend<c10::BFloat16>(L, qkv.data_ptr<float>(), attn.data_ptr<float>(), B, pos, table, nb);
       } else {
         prepare_qkv<float>(L, qkv.data_ptr<float>(), B, pos, slot, cos.data(), sin.data());
-        attend<float>(L, tasks, qkv.data_ptr<float>(), attn.data_ptr<float>(), task_order, pos, table, nb);
+        attend<float>(L, qkv.data_ptr<float>(), attn.data_ptr<float>(), B, pos, table, nb);
       }
       at::Tensor o = L.o(attn);
       norm_rows(o, res, L.post_norm, h, false);
@@ -282,146 +271,56 @@ class DecodeStep {
     });
   }
 
-  // One attention task: KV head `kv` for the sequences order[first, first + count), whose
-  // first `shared` positions are the same cached blocks (a cascade group; 0: none).
-  struct Task {
-    int64_t kv, first, count, shared;
-  };
-
-  // Tasks for global layers (cascade groups split into parts of at most kMaxQueries
-  // sequences, so both threads get work) and for chunked layers (one per sequence: a chunk's
-  // window differs per position).
-  static constexpr int64_t kMaxQueries = 32;
-  void make_tasks(const at::Tensor& group_starts, const at::Tensor& group_shared, int64_t B,
-                  std::vector<Task>& global, std::vector<Task>& chunked) const {
-    const int64_t* starts = group_starts.data_ptr<int64_t>();
-    const int64_t* shared = group_shared.data_ptr<int64_t>();
-    for (int64_t g = 0; g < group_shared.size(0); ++g)
-      for (int64_t first = starts[g]; first < starts[g + 1]; first += kMaxQueries)
-        for (int64_t kv = 0; kv < K_; ++kv)
-          global.push_back({kv, first, std::min(kMaxQueries, starts[g + 1] - first), shared[g]});
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t kv = 0; kv < K_; ++kv) chunked.push_back({kv, b, 1, 0});
-  }
-
-  // softmax(q k^T * scale) v over keys [lo, hi) of the cache seen through `table_row`, for
-  // `rows` queries (G heads of `rows / G` sequences): unnormalised outputs into o (rows x d),
-  // each row's max score and sum of exp. Many rows (a cascade group's shared prefix) go
-  // through two GEMMs over the span copied out once; a few rows read it in place.
+  // Each (sequence, KV head): its G query heads against the keys it may see, read in place
+  // from the paged cache (no gather), softmax in float32.
   template <typename T>
-  void attend_span(const Layer& L, const float* const* q, int64_t rows, const int64_t* table_row, int64_t lo,
-                   int64_t hi, float* o, float* m, float* l, std::vector<float>& scores, int64_t kv) const {
-    if (rows >= kGemmRows) return attend_span_gemm<T>(L, q, rows, table_row, lo, hi, o, m, l, kv);
-    const int64_t d = d_, K = K_, n = hi - lo, bs = L.k_cache.size(1);
-    const T* kc = L.k_cache.data_ptr<T>();
-    const T* vc = L.v_cache.data_ptr<T>();
-    const float scale = static_cast<float>(scale_);
-    scores.resize(rows * n);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = lo + j;
-      const T* key = kc + ((table_row[t / bs] * bs + t % bs) * K + kv) * d;
-      for (int64_t r = 0; r < rows; ++r) scores[r * n + j] = dot(q[r], key, d) * scale;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = scores.data() + r * n;
-      const float mr = *std::max_element(sr, sr + n);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        sr[j] = fast_exp(sr[j] - mr);
-        sum += sr[j];
-      }
-      m[r] = mr, l[r] = sum;
-    }
-    std::fill(o, o + rows * d, 0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = lo + j;
-      const T* val = vc + ((table_row[t / bs] * bs + t % bs) * K + kv) * d;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float w = scores[r * n + j];
-        float* orow = o + r * d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) orow[i] += w * as_float(val[i]);
-      }
-    }
-  }
-
-  static constexpr int64_t kGemmRows = 16;
-
-  template <typename T>
-  void attend_span_gemm(const Layer& L, const float* const* q, int64_t rows, const int64_t* table_row, int64_t lo,
-                        int64_t hi, float* o, float* m, float* l, int64_t kv) const {
-    const int64_t d = d_, K = K_, n = hi - lo, bs = L.k_cache.size(1);
-    const T* kc = L.k_cache.data_ptr<T>();
-    const T* vc = L.v_cache.data_ptr<T>();
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor keys = at::empty({n, d}, f32), values = at::empty({n, d}, f32), queries = at::empty({rows, d}, f32);
-    float* kp = keys.data_ptr<float>();
-    float* vp = values.data_ptr<float>();
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = lo + j, off = ((table_row[t / bs] * bs + t % bs) * K + kv) * d;
-      for (int64_t i = 0; i < d; ++i) kp[j * d + i] = as_float(kc[off + i]), vp[j * d + i] = as_float(vc[off + i]);
-    }
-    for (int64_t r = 0; r < rows; ++r) std::copy(q[r], q[r] + d, queries.data_ptr<float>() + r * d);
-    at::Tensor s = at::mm(queries, keys.t()).mul_(scale_);  // (rows, n); one thread: we are inside a task
-    float* sp = s.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = sp + r * n;
-      const float mr = *std::max_element(sr, sr + n);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        sr[j] = fast_exp(sr[j] - mr);
-        sum += sr[j];
-      }
-      m[r] = mr, l[r] = sum;
-    }
-    at::Tensor out = at::mm(s, values);
-    std::copy(out.data_ptr<float>(), out.data_ptr<float>() + rows * d, o);
-  }
-
-  // Each task's queries against the keys they may see, read in place from the paged cache
-  // (no gather), softmax in float32. A cascade group reads its shared prefix once for all its
-  // queries, then each sequence its own tail; the two merge by their max and sum.
-  template <typename T>
-  void attend(const Layer& L, const std::vector<Task>& tasks, const float* qkv, float* out, const int64_t* order,
-              const int64_t* pos, const int64_t* table, int64_t nb) const {
+  void attend(const Layer& L, const float* qkv, float* out, int64_t B, const int64_t* pos, const int64_t* table,
+              int64_t nb) const {
     const int64_t d = d_, H = H_, K = K_, G = H_ / K_, row = (H + 2 * K) * d;
+    const int64_t bs = L.k_cache.size(1);
+    const T* kc = L.k_cache.data_ptr<T>();
+    const T* vc = L.v_cache.data_ptr<T>();
     const Rounding R = R_;
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, pre_o, pre_m, pre_l, own_o(G * d), own_m(G), own_l(G);
-      std::vector<const float*> q;
-      for (int64_t ti = begin; ti < end; ++ti) {
-        const Task& task = tasks[ti];
-        const int64_t rows = task.count * G;
-        q.resize(rows);
-        for (int64_t i = 0; i < task.count; ++i)
-          for (int64_t g = 0; g < G; ++g) q[i * G + g] = qkv + order[task.first + i] * row + (task.kv * G + g) * d;
-        if (task.shared > 0) {
-          pre_o.resize(rows * d), pre_m.resize(rows), pre_l.resize(rows);
-          attend_span<T>(L, q.data(), rows, table + order[task.first] * nb, 0, task.shared, pre_o.data(),
-                         pre_m.data(), pre_l.data(), scores, task.kv);
+    const float scale = static_cast<float>(scale_);
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / K, kv = task % K, p = pos[b];
+        const int64_t lo = L.chunk > 0 ? p / L.chunk * L.chunk : 0, n = p - lo + 1;
+        TORCH_CHECK((p / bs) < nb, "position ", p, " is past the block table");
+        const float* q = qkv + b * row + kv * G * d;
+        scores.assign(G * n, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t t = lo + j;
+          const T* key = kc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
+          for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot(q + g * d, key, d) * scale;
         }
-        for (int64_t i = 0; i < task.count; ++i) {
-          const int64_t b = order[task.first + i], p = pos[b];
-          TORCH_CHECK(p / L.k_cache.size(1) < nb, "position ", p, " is past the block table");
-          const int64_t lo = std::max(task.shared, L.chunk > 0 ? p / L.chunk * L.chunk : int64_t{0});
-          attend_span<T>(L, q.data() + i * G, G, table + b * nb, lo, p + 1, own_o.data(), own_m.data(),
-                         own_l.data(), scores, task.kv);
-          float* o = out + b * H * d + task.kv * G * d;
+        float* o = out + b * H * d + kv * G * d;
+        std::fill(o, o + G * d, 0.f);
+        std::vector<float> total(G);
+        for (int64_t g = 0; g < G; ++g) {
+          float* s = scores.data() + g * n;
+          const float m = *std::max_element(s, s + n);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < n; ++j) {
+            s[j] = fast_exp(s[j] - m);
+            sum += s[j];
+          }
+          total[g] = sum;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t t = lo + j;
+          const T* val = vc + ((table[b * nb + t / bs] * bs + t % bs) * K + kv) * d;
           for (int64_t g = 0; g < G; ++g) {
-            float a = 0.f, c = 1.f, total = own_l[g];  // weights of the prefix's and own outputs
-            if (task.shared > 0) {
-              const int64_t r = i * G + g;
-              const float mx = std::max(pre_m[r], own_m[g]);
-              a = fast_exp(pre_m[r] - mx), c = fast_exp(own_m[g] - mx);
-              total = pre_l[r] * a + own_l[g] * c;
-            }
-            const float* po = task.shared > 0 ? pre_o.data() + (i * G + g) * d : nullptr;
-            for (int64_t e = 0; e < d; ++e)
-              o[g * d + e] = R(((po ? po[e] * a : 0.f) + own_o[g * d + e] * c) / total);
+            const float w = scores[g * n + j];
+            float* og = o + g * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) og[i] += w * as_float(val[i]);
           }
         }
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < d; ++i) o[g * d + i] = R(o[g * d + i] / total[g]);
       }
     });
   }
