@@ -5,8 +5,9 @@ preparation and a Python wrapper per step, and the eager model a dispatch per op
 runs the layer loop, norms, RoPE, KV writes and paged attention itself and hands only the
 projections to torch's GEMM kernels (int4, int8, float32 or bfloat16). It covers dense models
 in float32 or bfloat16, int4-quantized or not; a bfloat16 model rounds where its eager ops
-round. Everything else (MoE layers, sharded layers, other dtypes), and every step with a
-prefill chunk longer than one token, runs the model's Python forward.
+round. Everything else (MoE layers, sharded layers, other dtypes), every step with a prefill
+chunk longer than one token and every step whose sequences share a long cached prefix
+(`shares_prefix`) runs the model's Python forward.
 
 The extension is built on first use with torch's C++ extension builder (about a minute;
 cached under ~/.cache/torch_extensions, rebuilt when the source changes).
@@ -105,8 +106,8 @@ class NativeDecode:
                                    a0.n_kv, a0.head_dim, float(a0.scale), bool(c.rope_interleaved))
         for layer, kc, vc in zip(model.layers, k_caches, v_caches, strict=True):
             attn, mlp = layer.self_attn, layer.feed_forward
-            linears = [_native_linear(ext, lin, self.dtype) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                                            mlp.down_proj)]
+            linears = [_native_linear(ext, lin, self.dtype)
+                       for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             floor_scale, attn_scale = attn.temperature or (1.0, 0.0)
             self.step.add_layer(layer.input_layernorm.weight.detach().float().contiguous(),
                                 layer.post_attention_layernorm.weight.detach().float().contiguous(), kc, vc,
