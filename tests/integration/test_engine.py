@@ -38,18 +38,23 @@ def _prompts(n: int, lengths: list[int]) -> list[list[int]]:
     return [torch.randint(0, 256, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
 
 
-def test_batched_with_preemption_equals_alone(tiny_llama4):
-    engine = engine_for(tiny_llama4)
+def check_batched_with_preemption_equals_alone(loaded, engine: LLMEngine) -> None:
+    """Eight requests of different lengths arriving over three steps into a cache too small for
+    all of them: each gets what it gets alone, and every block comes back."""
     prompts = _prompts(8, [5, 13, 27, 40, 9, 33, 18, 50])  # several cross chunk boundaries (8)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     reqs = [(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
     out = run(engine, [reqs[:3], [], reqs[3:6], reqs[6:]])
     assert engine.stats.num_preemptions > 0  # the 40-block cache cannot hold all eight
     for i, p in enumerate(prompts):
-        alone = list(generate_tokens(tiny_llama4.model, p, 20))
+        alone = list(generate_tokens(loaded.model, p, 20))
         assert out[f"r{i}"].outputs[0].token_ids == alone, f"request {i}"
         assert out[f"r{i}"].outputs[0].finish_reason == "length"
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_batched_with_preemption_equals_alone(tiny_llama4):
+    check_batched_with_preemption_equals_alone(tiny_llama4, engine_for(tiny_llama4))
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "native-decode"])

@@ -14,7 +14,12 @@ from serving.engine import SamplingParams, model_runner
 from serving.engine.model_runner import ModelRunner, StepInputs
 from serving.engine.native_decode import unsupported_reason
 from serving.engine.paged_attention import SeqSlice
-from tests.integration.test_engine import _prompts, engine_for, run
+from tests.integration.test_engine import (
+    _prompts,
+    check_batched_with_preemption_equals_alone,
+    engine_for,
+    run,
+)
 from tests.parity import tiny_checkpoints as tiny
 
 
@@ -30,15 +35,7 @@ def test_batched_with_preemption_equals_alone(dense_llama4):
     assert not c.moe_layers and c.attention_chunk_size == 8 and not all(c.use_rope) and c.use_qk_norm
     engine = engine_for(dense_llama4, compile=True)
     assert engine.runner.native is not None
-    prompts = _prompts(8, [5, 13, 27, 40, 9, 33, 18, 50])  # several cross chunk boundaries (8)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    reqs = [(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
-    out = run(engine, [reqs[:3], [], reqs[3:6], reqs[6:]])
-    assert engine.stats.num_preemptions > 0  # the 40-block cache cannot hold all eight
-    for i, p in enumerate(prompts):
-        alone = list(generate_tokens(dense_llama4.model, p, 20))
-        assert out[f"r{i}"].outputs[0].token_ids == alone, f"request {i}"
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    check_batched_with_preemption_equals_alone(dense_llama4, engine)
 
 
 def test_unsupported_models_say_why(tiny_llama4, dense_llama4):
