@@ -42,6 +42,12 @@ def dequantize_int4(codes_NK: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     return w.view(N, K)
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Each byte's low then high nibble, flattened."""
+    flat = packed.flatten()
+    return torch.stack([flat & 15, flat >> 4], dim=-1).flatten()
+
+
 def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
     """Shapes the packed CPU kernel takes (N a multiple of 16, K of the group)."""
     return out_features % 16 == 0 and in_features % group_size == 0 and group_size in GROUP_SIZES
@@ -64,9 +70,12 @@ class Int4Linear(nn.Module):
         zeros = mins.float() + 8 * scales.float()
         self.register_buffer("scales_zeros", torch.stack([scales.float().t(), zeros.t()], dim=-1)
                              .to(COMPUTE_DTYPE).contiguous())
+        # A faster kernel over the same weights, (M, K) float32 -> (M, N) float32, that the
+        # serving engine may attach (herd's VNNI one: serving/engine/native_decode.py).
+        self.fast = None
 
     @classmethod
-    def from_float(cls, weight_NK: torch.Tensor, group_size: int = 32) -> "Int4Linear":
+    def from_float(cls, weight_NK: torch.Tensor, group_size: int = 32) -> Int4Linear:
         return cls(*quantize_int4(weight_NK, group_size))
 
     def dequantized(self) -> torch.Tensor:
@@ -74,6 +83,20 @@ class Int4Linear(nn.Module):
         eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
         sz = self.scales_zeros.float()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, sz).t().contiguous()
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes back out of torch's packed buffer, for kernels that want their
+        own layout. Packing is a permutation of nibbles whose order is torch's business: packing
+        each 4-bit digit of every code's own index finds where each code went."""
+        N, K = self.out_features, self.in_features
+        index = torch.arange(N * K, dtype=torch.int32)
+        where = torch.zeros(N * K, dtype=torch.int32)
+        for shift in range(0, max(1, (N * K - 1).bit_length()), 4):
+            digits = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).view(N, K), 1)
+            where |= _nibbles(digits).to(torch.int32) << shift
+        codes = torch.empty(N * K, dtype=torch.uint8)
+        codes[where.long()] = _nibbles(self.packed)
+        return codes.view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes in bfloat16 whatever x's dtype (the kernel's float32 path is scalar code,
@@ -83,6 +106,9 @@ class Int4Linear(nn.Module):
         if self.scales_zeros.dtype != COMPUTE_DTYPE:  # a model.to(dtype) cast it
             self.scales_zeros = self.scales_zeros.to(COMPUTE_DTYPE)
         shape = x.shape
+        if self.fast is not None:
+            y = self.fast(x.reshape(-1, self.in_features).float().contiguous())
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)

@@ -18,6 +18,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = w.shape
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.fast = None  # as Int4Linear.fast
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
@@ -28,6 +29,9 @@ class Int8Linear(nn.Module):
         if self.scales.dtype != torch.bfloat16:  # a model.to(dtype) cast it
             self.scales = self.scales.to(torch.bfloat16)
         shape = x.shape
+        if self.fast is not None:
+            y = self.fast(x.reshape(-1, self.in_features).float().contiguous())
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
         # bfloat16 whatever x's dtype: the kernel's float32 path is ~13x slower.
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)

@@ -3,7 +3,9 @@
 At batch 1 a decode step is ~300 small ops; torch.compile's graph still pays guards, input
 preparation and a Python wrapper per step, and the eager model a dispatch per op. The C++ step
 runs the layer loop, norms, RoPE, KV writes and paged attention itself and hands only the
-projections to torch's GEMM kernels (int4, int8, float32 or bfloat16). It covers dense models
+projections to GEMM kernels: torch's for float32 and bfloat16 weights, and for int4 and int8
+weights herd's own (csrc/vnni_matmul.cpp: int8 activations in AVX-512 VNNI dot products) where
+the CPU has VNNI, else torch's weight-only ones. It covers dense models
 in float32 or bfloat16, int4-quantized or not; a bfloat16 model rounds where its eager ops
 round. Everything else (MoE layers, sharded layers, other dtypes), every step with a prefill
 chunk longer than one token and every step whose sequences share a long cached prefix
@@ -34,8 +36,9 @@ from serving.engine.paged_attention import SeqSlice
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
-DENSE, INT4, INT8 = 0, 1, 2
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_step.cpp", "vnni_matmul.cpp")]
+DENSE, INT4, INT8, INT4_VNNI, INT8_VNNI = 0, 1, 2, 3, 4
+VNNI_GROUP, VNNI_ROWS = 32, 16  # vnni_matmul.h's kQuantGroup and kInt4Rows
 DTYPES = (torch.float32, torch.bfloat16)
 PROFILE_NAME = "herd::decode_step"
 
@@ -83,7 +86,7 @@ def extension():
     vector = {"AVX2": ["-mavx2", "-mfma"],
               "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mprefer-vector-width=512"]}.get(capability, [])
     log.info("building herd's C++ decode step (once; about a minute)")
-    return cpp_extension.load(name=f"herd_decode_step_{capability.lower()}", sources=[str(SOURCE)],
+    return cpp_extension.load(name=f"herd_decode_step_{capability.lower()}", sources=[str(p) for p in SOURCES],
                               extra_cflags=["-O3", "-fopenmp", *vector], extra_ldflags=["-fopenmp"])
 
 
@@ -91,11 +94,16 @@ class NativeDecode:
     """The model's decode step over the engine's paged KV cache (its tensors, shared)."""
 
     def __init__(self, model: Llama4Model, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 block_size: int) -> None:
+                 block_size: int, vnni: bool = True) -> None:
+        """Where the CPU has AVX-512 VNNI, the model's int4 and int8 layers run in herd's VNNI
+        kernels from here on, in this step and in the model's own forward (prefill) alike, so
+        that a sequence recomputed after preemption gets back the KV it had. `vnni=False` puts
+        them back on torch's weight-only kernels (whose bf16 activations round differently)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the C++ decode step cannot run this model: {reason}")
         ext = extension()
+        use_vnni_kernels(model, vnni)
         c = model.config
         a0 = model.layers[0].self_attn
         self.block_size = block_size
@@ -143,8 +151,31 @@ def shares_prefix(slices: list[SeqSlice], block_size: int) -> bool:
                for members in by_first.values())
 
 
+def use_vnni_kernels(model: nn.Module, on: bool = True) -> int:
+    """Attaches herd's VNNI kernels (`fast`) to the model's Int4Linear and Int8Linear layers
+    whose shapes they take (on a CPU with AVX-512 VNNI), or detaches them; returns how many
+    layers run in them."""
+    ext = extension()
+    count = 0
+    for lin in model.modules():
+        if type(lin) in (Int4Linear, Int8Linear):
+            lin.fast = _vnni_linear(ext, lin) if on and ext.vnni_supported() else None
+            count += lin.fast is not None
+    return count
+
+
+def _vnni_linear(ext, lin: Int4Linear | Int8Linear):
+    if type(lin) is Int4Linear and lin.group_size % VNNI_GROUP == 0:
+        return ext.Linear(INT4_VNNI, *int4_vnni_layout(lin), 0)
+    if type(lin) is Int8Linear and lin.in_features % (2 * VNNI_GROUP) == 0:
+        return ext.Linear(INT8_VNNI, lin.weight_int8, lin.scales.to(torch.bfloat16), 0)
+    return None
+
+
 def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
     kind = _linear_kind(lin, dtype)
+    if kind in (INT4, INT8) and lin.fast is not None:
+        return lin.fast
     if kind == INT4:
         if lin.scales_zeros.dtype != torch.bfloat16:
             lin.scales_zeros = lin.scales_zeros.to(torch.bfloat16)
@@ -154,3 +185,18 @@ def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
             lin.scales = lin.scales.to(torch.bfloat16)
         return ext.Linear(INT8, lin.weight_int8, lin.scales, 0)
     return ext.Linear(DENSE, lin.weight.detach(), torch.empty(0), 0)
+
+
+def int4_vnni_layout(lin: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 VNNI kernel's codes (N / 16, K / 32, 4, 64) uint8 and scales and zeros (N / 16,
+    K / 32, 2, 16) bf16 (vnni_matmul.h): the byte for row r, input 8 c + j of a group holds that
+    code low and the code of input 8 c + 4 + j high, so that one 64-byte load feeds 16 rows x 4
+    inputs to each of two vpdpbusd."""
+    N, K = lin.out_features, lin.in_features
+    G = K // VNNI_GROUP
+    # codes[rb, r, g, c, h, j] -> [rb, g, c, r, j, h]
+    c = lin.codes().view(N // VNNI_ROWS, VNNI_ROWS, G, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(N // VNNI_ROWS, G, 4, 64).contiguous()
+    sz = lin.scales_zeros.to(torch.bfloat16).repeat_interleave(lin.group_size // VNNI_GROUP, dim=0)  # (G, N, 2)
+    sz = sz.view(G, N // VNNI_ROWS, VNNI_ROWS, 2).permute(1, 0, 3, 2).contiguous()
+    return packed, sz

@@ -40,6 +40,7 @@ def test_int4_linear_matches_dequantized_float(group, M):
     # The kernel multiplies by exactly the codes with bf16-rounded scale and zero point.
     torch.testing.assert_close(lin.dequantized(), dequantize_int4(codes, scales, mins, torch.bfloat16),
                                atol=1e-6, rtol=0)
+    assert torch.equal(lin.codes(), codes)  # out of torch's packed layout again
     ref_w = dequantize_int4(codes, scales, mins)
     assert (ref_w - w).abs().max() <= (w.max() - w.min()) / 15  # within a quantization step
     assert (lin.dequantized() - ref_w).abs().max() < 0.02  # bf16 scales move weights very little

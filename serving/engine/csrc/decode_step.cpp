@@ -3,7 +3,8 @@
 // A decode step at small batch is a few hundred tiny ops; from Python (even torch.compile'd)
 // each pays dispatch, guard and wrapper costs that dwarf its arithmetic. Here the layer loop,
 // norms, RoPE, KV writes and paged attention are plain C++ loops over float32 rows, and only
-// the projections go to ATen (torch's int4 / int8 / float GEMM kernels). Semantics follow
+// the projections go to ATen (torch's int4 / int8 / float GEMM kernels) or, for quantized weights
+// on CPUs with AVX-512 VNNI, to herd's int8-activation kernels (vnni_matmul.h). Semantics follow
 // models/llama4/model.py (see serving/engine/native_decode.py for who may use it). A bfloat16
 // model keeps its KV cache in bfloat16 and rounds to bfloat16 wherever its eager ops round
 // (after each norm, residual add, RoPE, attention, SiLU and product), so it computes what the
@@ -18,18 +19,27 @@
 #include <cstring>
 #include <vector>
 
+#include "vnni_matmul.h"
+
 namespace {
 
-enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2 };
+enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2, kInt4Vnni = 3, kInt8Vnni = 4 };
 
 struct Linear {
   int64_t kind;
-  at::Tensor weight;  // dense (N, K) float32 or bf16; int4: packed; int8: (N, K) int8
-  at::Tensor scales;  // int4: scales_zeros (bf16); int8: per-row scales (bf16); dense: unused
+  // dense: (N, K) float32 or bf16; int4: torch's packed codes; int8: (N, K) int8;
+  // int4 VNNI: (N / 16, K / 32, 4, 64) uint8 and int8 VNNI: (N, K) int8, see vnni_matmul.h
+  at::Tensor weight;
+  // int4: scales_zeros (bf16); int8 (either): per-row scales (bf16); int4 VNNI: (N / 16, K / 32,
+  // 2, 16) bf16; dense: unused
+  at::Tensor scales;
   int64_t group;
 
   at::Tensor operator()(const at::Tensor& x) const {
     switch (kind) {
+      case kInt4Vnni:
+      case kInt8Vnni:
+        return vnni(x);
       case kInt4:
         return at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), weight, group, scales).to(at::kFloat);
       case kInt8:
@@ -38,6 +48,31 @@ struct Linear {
         return weight.scalar_type() == at::kFloat ? at::linear(x, weight)
                                                   : at::linear(x.to(weight.scalar_type()), weight).to(at::kFloat);
     }
+  }
+
+  at::Tensor vnni(const at::Tensor& x) const {
+    const int64_t B = x.size(0), K = x.size(1), G = K / herd::kQuantGroup;
+    const bool int4 = kind == kInt4Vnni;
+    const int64_t N = int4 ? weight.size(0) * herd::kInt4Rows : weight.size(0);
+    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && K == (int4 ? weight.size(1) * herd::kQuantGroup
+                                                                                  : weight.size(1)),
+                "a VNNI linear got input ", x.sizes(), " for weight ", weight.sizes());
+    at::Tensor q = at::empty({B, K}, x.options().dtype(at::kChar));
+    at::Tensor scale = at::empty({B, G}, x.options()), sum = at::empty({B, G}, x.options());
+    at::Tensor qsum = at::empty({B, G}, x.options().dtype(at::kInt));
+    at::Tensor y = at::empty({B, N}, x.options());
+    herd::quantize_rows(x.data_ptr<float>(), B, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                        sum.data_ptr<float>(), qsum.data_ptr<int32_t>());
+    const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+    if (int4) {
+      herd::int4_matmul(q.data_ptr<int8_t>(), scale.data_ptr<float>(), sum.data_ptr<float>(),
+                        qsum.data_ptr<int32_t>(), B, K,
+                        weight.data_ptr<uint8_t>(), s, N, y.data_ptr<float>(), at::get_num_threads());
+    } else {
+      herd::int8_matmul(q.data_ptr<int8_t>(), scale.data_ptr<float>(), B, K, weight.data_ptr<int8_t>(), s, N,
+                        y.data_ptr<float>(), at::get_num_threads());
+    }
+    return y;
   }
 };
 
@@ -340,10 +375,13 @@ class DecodeStep {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](int64_t kind, at::Tensor weight, at::Tensor scales, int64_t group) {
-             TORCH_CHECK(kind == kDense || kind == kInt4 || kind == kInt8, "unknown linear kind ", kind);
+             TORCH_CHECK(kind >= kDense && kind <= kInt8Vnni, "unknown linear kind ", kind);
+             TORCH_CHECK(kind < kInt4Vnni || herd::vnni_supported(), "this CPU has no AVX-512 VNNI");
              return Linear{kind, std::move(weight), std::move(scales), group};
            }),
-           py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("group"));
+           py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("group"))
+      .def("__call__", &Linear::operator(), py::call_guard<py::gil_scoped_release>());  // (B, K) float32
+  m.def("vnni_supported", &herd::vnni_supported);
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, double, bool>())
       .def("add_layer", &DecodeStep::add_layer)

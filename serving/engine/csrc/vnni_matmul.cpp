@@ -1,0 +1,148 @@
+// AVX-512 VNNI kernels of vnni_matmul.h. Everything below the target pragma is compiled for
+// AVX-512 VNNI and reached only after vnni_supported() said yes; it uses no library templates
+// (an inline function instantiated here could be the copy the linker keeps for everyone).
+
+#include "vnni_matmul.h"
+
+bool herd::vnni_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
+
+namespace herd {
+namespace {
+
+inline __m512 bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+inline int32_t four_bytes(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// 16 rows (block rb) of y for NB consecutive activation rows from b0.
+template <int NB>
+void int4_block(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t b0, int64_t K, const uint8_t* w,
+                const uint16_t* sz, int64_t rb, int64_t N, float* y) {
+  const int64_t G = K / kQuantGroup;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[NB];
+  for (int t = 0; t < NB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + (rb * G + g) * 256;
+    __m512i dot[NB];
+    for (int t = 0; t < NB; ++t) dot[t] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(wg + 64 * c);
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int t = 0; t < NB; ++t) {
+        const int8_t* xt = q + (b0 + t) * K + g * kQuantGroup + 8 * c;
+        dot[t] = _mm512_dpbusd_epi32(dot[t], lo, _mm512_set1_epi32(four_bytes(xt)));
+        dot[t] = _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(four_bytes(xt + 4)));
+      }
+    }
+    const uint16_t* sg = sz + (rb * G + g) * 2 * kInt4Rows;
+    const __m512 s = bf16x16(sg), z = bf16x16(sg + kInt4Rows);
+    for (int t = 0; t < NB; ++t) {
+      const int64_t i = (b0 + t) * G + g;
+      const __m512i centred = _mm512_sub_epi32(dot[t], _mm512_set1_epi32(8 * qsum[i]));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(s, _mm512_set1_ps(scale[i])), acc[t]);
+      acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(sum[i]), acc[t]);
+    }
+  }
+  for (int t = 0; t < NB; ++t) _mm512_storeu_ps(y + (b0 + t) * N + rb * kInt4Rows, acc[t]);
+}
+
+// Lanes 0-7 the scale of group 2j, lanes 8-15 that of group 2j + 1 (the 64 inputs of chunk j).
+inline __m512 pair_scale(const float* scale, int64_t j) {
+  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale[2 * j]), _mm512_set1_ps(scale[2 * j + 1]));
+}
+
+// R rows from n0 of y for activation row b. vpdpbusd wants unsigned weights: w ^ 0x80 = w + 128,
+// whose extra 128 * sum(x) the same dot against 0x80 bytes takes back out.
+template <int R>
+void int8_rows(const int8_t* q, const float* scale, int64_t b, int64_t K, const int8_t* w, const uint16_t* s,
+               int64_t n0, int64_t N, float* y) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R], bias = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int8_t* xb = q + b * K;
+  const float* sb = scale + b * (K / kQuantGroup);
+  for (int64_t j = 0; j < K / 64; ++j) {
+    const __m512i x = _mm512_loadu_si512(xb + 64 * j);
+    const __m512 sv = pair_scale(sb, j);
+    bias = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, x)), sv, bias);
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + r) * K + 64 * j), flip);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, x)), sv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    uint32_t bits = static_cast<uint32_t>(s[n0 + r]) << 16;
+    float sr;
+    __builtin_memcpy(&sr, &bits, sizeof(sr));
+    y[b * N + n0 + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], bias)) * sr;
+  }
+}
+
+}  // namespace
+
+void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale, float* sum, int32_t* qsum) {
+  const int64_t G = K / kQuantGroup;
+  for (int64_t i = 0; i < B * G; ++i) {
+    const float* xg = x + i * kQuantGroup;
+    const __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    scale[i] = amax / 127.f;
+    sum[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    qsum[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    _mm_storeu_si128((__m128i*)(q + i * kQuantGroup), _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128((__m128i*)(q + i * kQuantGroup + 16), _mm512_cvtsepi32_epi8(qb));
+  }
+}
+
+void int4_matmul(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t B, int64_t K, const uint8_t* w,
+                 const uint16_t* sz, int64_t N, float* y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t rb = 0; rb < N / kInt4Rows; ++rb) {
+    int64_t b0 = 0;
+    for (; b0 + 4 <= B; b0 += 4) int4_block<4>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y);
+    switch (B - b0) {
+      case 3: int4_block<3>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y); break;
+      case 2: int4_block<2>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y); break;
+      case 1: int4_block<1>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y); break;
+      default: break;
+    }
+  }
+}
+
+void int8_matmul(const int8_t* q, const float* scale, int64_t B, int64_t K, const int8_t* w, const uint16_t* s,
+                 int64_t N, float* y, int threads) {
+  const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t n0 = blk * 4;
+    for (int64_t b = 0; b < B; ++b) {
+      if (n0 + 4 <= N) {
+        int8_rows<4>(q, scale, b, K, w, s, n0, N, y);
+      } else {
+        for (int64_t n = n0; n < N; ++n) int8_rows<1>(q, scale, b, K, w, s, n, N, y);
+      }
+    }
+  }
+}
+
+}  // namespace herd
+
+#pragma GCC pop_options
