@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_step.cpp", "vnni_matmul.cpp")]
 DENSE, INT4, INT8, INT4_VNNI, INT8_VNNI = 0, 1, 2, 3, 4
-VNNI_GROUP, VNNI_ROWS = 32, 16  # vnni_matmul.h's kQuantGroup and kInt4Rows
+VNNI_GROUP, VNNI_ROWS = 32, 16  # vnni_matmul.h's kQuantGroup and kRows
 DTYPES = (torch.float32, torch.bfloat16)
 PROFILE_NAME = "herd::decode_step"
 
@@ -167,8 +167,10 @@ def use_vnni_kernels(model: nn.Module, on: bool = True) -> int:
 def _vnni_linear(ext, lin: Int4Linear | Int8Linear):
     if type(lin) is Int4Linear and lin.group_size % VNNI_GROUP == 0:
         return ext.Linear(INT4_VNNI, *int4_vnni_layout(lin), 0)
-    if type(lin) is Int8Linear and lin.in_features % (2 * VNNI_GROUP) == 0:
-        return ext.Linear(INT8_VNNI, lin.weight_int8, lin.scales.to(torch.bfloat16), 0)
+    if type(lin) is Int8Linear and lin.in_features % VNNI_GROUP == 0 and lin.out_features % VNNI_ROWS == 0:
+        N, K = lin.weight_int8.shape  # rows in 16s, each row's inputs in 4s: [N / 16][K / 4][16][4]
+        w = lin.weight_int8.view(N // VNNI_ROWS, VNNI_ROWS, K // 4, 4).transpose(1, 2).contiguous()
+        return ext.Linear(INT8_VNNI, w, lin.scales.to(torch.bfloat16), 0)
     return None
 
 

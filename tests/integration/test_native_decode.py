@@ -100,7 +100,7 @@ needs_vnni = pytest.mark.skipif(not nd.extension().vnni_supported(), reason="thi
 @needs_vnni
 @pytest.mark.parametrize("lin", [Int4Linear.from_float(torch.randn(48, 128), 32),
                                  Int4Linear.from_float(torch.randn(32, 256), 64),
-                                 Int8Linear(torch.randn(100, 128) * torch.linspace(0.1, 2, 100)[:, None])],
+                                 Int8Linear(torch.randn(112, 96) * torch.linspace(0.1, 2, 112)[:, None])],
                          ids=["int4-g32", "int4-g64", "int8"])
 def test_vnni_linears_round_only_the_activations(lin):
     """Against the float weights each layer holds: int8 activations in groups of 32 cost ~0.5%
@@ -120,6 +120,8 @@ def test_vnni_linears_round_only_the_activations(lin):
     lin.fast = vnni  # what use_vnni_kernels attaches: the module's forward runs it
     assert torch.equal(lin(x.view(7, 1, -1)).view(7, -1), got)
     lin.fast = None
+    # Rows come in blocks of 16 and inputs in groups of 32; other layers keep torch's kernels.
+    assert nd._vnni_linear(nd.extension(), Int8Linear(torch.randn(100, 96))) is None
 
 
 @needs_vnni

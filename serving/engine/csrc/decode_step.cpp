@@ -28,7 +28,7 @@ enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2, kInt4Vnni = 3, kInt8Vnni
 struct Linear {
   int64_t kind;
   // dense: (N, K) float32 or bf16; int4: torch's packed codes; int8: (N, K) int8;
-  // int4 VNNI: (N / 16, K / 32, 4, 64) uint8 and int8 VNNI: (N, K) int8, see vnni_matmul.h
+  // int4 VNNI: (N / 16, K / 32, 4, 64) uint8; int8 VNNI: (N / 16, K / 4, 16, 4) int8 (vnni_matmul.h)
   at::Tensor weight;
   // int4: scales_zeros (bf16); int8 (either): per-row scales (bf16); int4 VNNI: (N / 16, K / 32,
   // 2, 16) bf16; dense: unused
@@ -53,9 +53,9 @@ struct Linear {
   at::Tensor vnni(const at::Tensor& x) const {
     const int64_t B = x.size(0), K = x.size(1), G = K / herd::kQuantGroup;
     const bool int4 = kind == kInt4Vnni;
-    const int64_t N = int4 ? weight.size(0) * herd::kInt4Rows : weight.size(0);
-    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && K == (int4 ? weight.size(1) * herd::kQuantGroup
-                                                                                  : weight.size(1)),
+    const int64_t N = weight.size(0) * herd::kRows;
+    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat &&
+                    K == (int4 ? weight.size(1) * herd::kQuantGroup : weight.size(1) * 4),
                 "a VNNI linear got input ", x.sizes(), " for weight ", weight.sizes());
     at::Tensor q = at::empty({B, K}, x.options().dtype(at::kChar));
     at::Tensor scale = at::empty({B, G}, x.options()), sum = at::empty({B, G}, x.options());
@@ -69,8 +69,10 @@ struct Linear {
                         qsum.data_ptr<int32_t>(), B, K,
                         weight.data_ptr<uint8_t>(), s, N, y.data_ptr<float>(), at::get_num_threads());
     } else {
-      herd::int8_matmul(q.data_ptr<int8_t>(), scale.data_ptr<float>(), B, K, weight.data_ptr<int8_t>(), s, N,
-                        y.data_ptr<float>(), at::get_num_threads());
+      std::vector<float> offset(B);
+      herd::int8_offsets(scale.data_ptr<float>(), qsum.data_ptr<int32_t>(), B, K, offset.data());
+      herd::int8_matmul(q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset.data(), B, K, weight.data_ptr<int8_t>(),
+                        s, N, y.data_ptr<float>(), at::get_num_threads());
     }
     return y;
   }

@@ -10,6 +10,15 @@ bool herd::vnni_supported() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
+void herd::int8_offsets(const float* scale, const int32_t* qsum, int64_t B, int64_t K, float* offset) {
+  const int64_t G = K / kQuantGroup;
+  for (int64_t b = 0; b < B; ++b) {
+    float o = 0.f;
+    for (int64_t g = 0; g < G; ++g) o += scale[b * G + g] * static_cast<float>(qsum[b * G + g]);
+    offset[b] = 128.f * o;
+  }
+}
+
 #include <immintrin.h>
 
 #pragma GCC push_options
@@ -50,8 +59,8 @@ void int4_block(const int8_t* q, const float* scale, const float* sum, const int
         dot[t] = _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(four_bytes(xt + 4)));
       }
     }
-    const uint16_t* sg = sz + (rb * G + g) * 2 * kInt4Rows;
-    const __m512 s = bf16x16(sg), z = bf16x16(sg + kInt4Rows);
+    const uint16_t* sg = sz + (rb * G + g) * 2 * kRows;
+    const __m512 s = bf16x16(sg), z = bf16x16(sg + kRows);
     for (int t = 0; t < NB; ++t) {
       const int64_t i = (b0 + t) * G + g;
       const __m512i centred = _mm512_sub_epi32(dot[t], _mm512_set1_epi32(8 * qsum[i]));
@@ -59,39 +68,33 @@ void int4_block(const int8_t* q, const float* scale, const float* sum, const int
       acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(sum[i]), acc[t]);
     }
   }
-  for (int t = 0; t < NB; ++t) _mm512_storeu_ps(y + (b0 + t) * N + rb * kInt4Rows, acc[t]);
+  for (int t = 0; t < NB; ++t) _mm512_storeu_ps(y + (b0 + t) * N + rb * kRows, acc[t]);
 }
 
-// Lanes 0-7 the scale of group 2j, lanes 8-15 that of group 2j + 1 (the 64 inputs of chunk j).
-inline __m512 pair_scale(const float* scale, int64_t j) {
-  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale[2 * j]), _mm512_set1_ps(scale[2 * j + 1]));
-}
-
-// R rows from n0 of y for activation row b. vpdpbusd wants unsigned weights: w ^ 0x80 = w + 128,
-// whose extra 128 * sum(x) the same dot against 0x80 bytes takes back out.
-template <int R>
-void int8_rows(const int8_t* q, const float* scale, int64_t b, int64_t K, const int8_t* w, const uint16_t* s,
-               int64_t n0, int64_t N, float* y) {
+// 16 rows (block rb) of y for NB activation rows from b0. vpdpbusd wants unsigned weights:
+// w ^ 0x80 = w + 128, whose extra 128 * sum(x) the caller's offset takes back out.
+template <int NB>
+void int8_block(const int8_t* q, const float* scale, const float* offset, int64_t b0, int64_t K, const int8_t* w,
+                const uint16_t* s, int64_t rb, int64_t N, float* y) {
+  const int64_t G = K / kQuantGroup;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[R], bias = _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const int8_t* xb = q + b * K;
-  const float* sb = scale + b * (K / kQuantGroup);
-  for (int64_t j = 0; j < K / 64; ++j) {
-    const __m512i x = _mm512_loadu_si512(xb + 64 * j);
-    const __m512 sv = pair_scale(sb, j);
-    bias = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, x)), sv, bias);
-    for (int r = 0; r < R; ++r) {
-      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + r) * K + 64 * j), flip);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, x)), sv, acc[r]);
+  __m512 acc[NB];
+  for (int t = 0; t < NB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int8_t* wg = w + (rb * G + g) * kRows * kQuantGroup;
+    __m512i wv[8];
+    for (int c = 0; c < 8; ++c) wv[c] = _mm512_xor_si512(_mm512_loadu_si512(wg + 64 * c), flip);
+    for (int t = 0; t < NB; ++t) {
+      const int8_t* xt = q + (b0 + t) * K + g * kQuantGroup;
+      __m512i dot = _mm512_setzero_si512();
+      for (int c = 0; c < 8; ++c) dot = _mm512_dpbusd_epi32(dot, wv[c], _mm512_set1_epi32(four_bytes(xt + 4 * c)));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(scale[(b0 + t) * G + g]), acc[t]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    uint32_t bits = static_cast<uint32_t>(s[n0 + r]) << 16;
-    float sr;
-    __builtin_memcpy(&sr, &bits, sizeof(sr));
-    y[b * N + n0 + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], bias)) * sr;
-  }
+  const __m512 sr = bf16x16(s + rb * kRows);
+  for (int t = 0; t < NB; ++t)
+    _mm512_storeu_ps(y + (b0 + t) * N + rb * kRows,
+                     _mm512_mul_ps(_mm512_sub_ps(acc[t], _mm512_set1_ps(offset[b0 + t])), sr));
 }
 
 }  // namespace
@@ -115,7 +118,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale
 void int4_matmul(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t B, int64_t K, const uint8_t* w,
                  const uint16_t* sz, int64_t N, float* y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t rb = 0; rb < N / kInt4Rows; ++rb) {
+  for (int64_t rb = 0; rb < N / kRows; ++rb) {
     int64_t b0 = 0;
     for (; b0 + 4 <= B; b0 += 4) int4_block<4>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y);
     switch (B - b0) {
@@ -127,18 +130,17 @@ void int4_matmul(const int8_t* q, const float* scale, const float* sum, const in
   }
 }
 
-void int8_matmul(const int8_t* q, const float* scale, int64_t B, int64_t K, const int8_t* w, const uint16_t* s,
-                 int64_t N, float* y, int threads) {
-  const int64_t blocks = (N + 3) / 4;
+void int8_matmul(const int8_t* q, const float* scale, const float* offset, int64_t B, int64_t K, const int8_t* w,
+                 const uint16_t* s, int64_t N, float* y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t n0 = blk * 4;
-    for (int64_t b = 0; b < B; ++b) {
-      if (n0 + 4 <= N) {
-        int8_rows<4>(q, scale, b, K, w, s, n0, N, y);
-      } else {
-        for (int64_t n = n0; n < N; ++n) int8_rows<1>(q, scale, b, K, w, s, n, N, y);
-      }
+  for (int64_t rb = 0; rb < N / kRows; ++rb) {
+    int64_t b0 = 0;
+    for (; b0 + 4 <= B; b0 += 4) int8_block<4>(q, scale, offset, b0, K, w, s, rb, N, y);
+    switch (B - b0) {
+      case 3: int8_block<3>(q, scale, offset, b0, K, w, s, rb, N, y); break;
+      case 2: int8_block<2>(q, scale, offset, b0, K, w, s, rb, N, y); break;
+      case 1: int8_block<1>(q, scale, offset, b0, K, w, s, rb, N, y); break;
+      default: break;
     }
   }
 }

@@ -11,7 +11,7 @@
 namespace herd {
 
 constexpr int64_t kQuantGroup = 32;  // activation values per int8 scale
-constexpr int64_t kInt4Rows = 16;    // int4 weight rows interleaved per block
+constexpr int64_t kRows = 16;        // weight rows interleaved per block (int4 and int8)
 
 // Whether this CPU runs the kernels below (AVX-512 F/BW/VL and VNNI).
 bool vnni_supported();
@@ -19,6 +19,9 @@ bool vnni_supported();
 // x (B, K) float -> q (B, K) int8 and, per group of 32 (B, K / 32), its scale, the sum of the
 // original values and the sum of q; K % 32 == 0.
 void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale, float* sum, int32_t* qsum);
+
+// int8_matmul's offset per activation row, from quantize_rows' scale and qsum.
+void int8_offsets(const float* scale, const int32_t* qsum, int64_t B, int64_t K, float* offset);
 
 // y (B, N) = x @ W.T with W = (code - 8) * s + z per row and group of 32 inputs, computed as
 // s * sum((code - 8) * q) * scale + z * sum (code - 8 keeps the rounding of q small against W). w holds the
@@ -28,8 +31,10 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale
 void int4_matmul(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t B, int64_t K,
                  const uint8_t* w, const uint16_t* sz, int64_t N, float* y, int threads);
 
-// y (B, N) = x @ (W * s[:, None]).T for W (N, K) int8 row-major, s (N,) bfloat16 bits; K % 64 == 0.
-void int8_matmul(const int8_t* q, const float* scale, int64_t B, int64_t K, const int8_t* w,
+// y (B, N) = x @ (W * s[:, None]).T for W int8 held as [N / 16][K / 4][16][4] (row r's inputs
+// 4 i .. 4 i + 3 in bytes 4 r .. 4 r + 3 of the i-th 64), s (N,) bfloat16 bits; offset (B,) from
+// int8_offsets.
+void int8_matmul(const int8_t* q, const float* scale, const float* offset, int64_t B, int64_t K, const int8_t* w,
                  const uint16_t* s, int64_t N, float* y, int threads);
 
 }  // namespace herd
