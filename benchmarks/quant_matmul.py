@@ -1,6 +1,7 @@
 """herd's int4 / int8 VNNI matmuls (serving/engine/csrc/vnni_matmul.cpp) beside torch's
 weight-only kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`, bf16 activations, as
-Int4Linear / Int8Linear run without herd's) on the same weights, in one run, on CPU.
+Int4Linear / Int8Linear run without herd's) on the same weights, in one run, on CPU; both
+called through the C++ decode step's Linear wrapper, as the step calls them.
 
     .venv/bin/python benchmarks/quant_matmul.py [--batches 1 4 16 64 256] [--reps 50]
 
@@ -62,11 +63,11 @@ def main() -> None:
             lin, nbytes = Int8Linear(w), N * K + 2 * N
         else:
             lin, nbytes = Int4Linear.from_float(w, 32), N * K // 2 + 4 * N * K // 32
-        native_decode.use_vnni_kernels(lin)  # attaches herd's kernel as lin.fast; the peer runs without it
-        herd, lin.fast = lin.fast, None
+        # Both called the way the C++ decode step calls them (no Python module in between).
+        herd, peer_fn = native_decode._vnni_linear(ext, lin), native_decode._native_linear(ext, lin, torch.float32)
         x = torch.randn(M, K, generator=g)
         ours = median_us(herd, x, args.reps)
-        peer = median_us(lin, x, args.reps)
+        peer = median_us(peer_fn, x, args.reps)
         rows.append({"layer": name, "batch": M, "herd us": ours, "torch us": peer, "herd speed-up": peer / ours,
                      "herd GB/s": nbytes / ours / 1e3})
     ratios = {f"{r['layer']} batch {r['batch']}": r["herd speed-up"] for r in rows}
