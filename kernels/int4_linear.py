@@ -3,7 +3,9 @@ dimension (the scheme of llama.cpp's Q4_1: w = scale * q + min, q in 0..15).
 
 The matmul runs in torch's packed int4 CPU kernel (`_weight_int4pack_mm_for_cpu`), which
 reads a quarter of bf16's bytes: at small batch a linear layer costs what its weights take to
-stream from memory. CPU only for now: a CUDA kernel belongs to the kernels work.
+stream from memory. CPU only for now: a CUDA kernel belongs to the kernels work. The serving
+engine may attach a faster kernel over the same weights (`fast`: herd's AVX-512 VNNI one, see
+serving/engine/native_decode.py), which forward then runs instead.
 """
 
 from __future__ import annotations
