@@ -9,14 +9,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+ROWS_PER_SLICE = 4096
+
 
 class Int8Linear(nn.Module):
     def __init__(self, weight_NK: torch.Tensor) -> None:
         super().__init__()
-        w = weight_NK.float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-        self.out_features, self.in_features = w.shape
-        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        self.out_features, self.in_features = weight_NK.shape
+        codes = torch.empty(weight_NK.shape, dtype=torch.int8)
+        scale = torch.empty(self.out_features)
+        # In slices of rows: float temporaries of a whole vocabulary-sized head were the peak of
+        # loading an int4 model.
+        for start in range(0, self.out_features, ROWS_PER_SLICE):
+            w = weight_NK[start:start + ROWS_PER_SLICE].to(torch.float32, copy=True)  # divided in place below
+            s = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+            scale[start:start + len(w)] = s
+            codes[start:start + len(w)] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+        self.register_buffer("weight_int8", codes)
         self.register_buffer("scales", scale.to(torch.bfloat16))
         self.fast = None  # as Int4Linear.fast
 

@@ -190,13 +190,30 @@ def _dequantize(t: ReaderTensor) -> torch.Tensor:
         return torch.from_numpy(np.array(raw).view(np.int16)).view(torch.bfloat16)
     _, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
     blocks = np.asarray(raw).reshape(-1, block_bytes)  # (n_blocks, bytes per block)
+    # In slices of blocks, straight into the result: whole-tensor temporaries of a 49152 x 576
+    # embedding were three float32 copies of it at once (the load's peak memory).
+    out = np.empty((blocks.shape[0], 32), dtype=np.float32)
+    for start in range(0, blocks.shape[0], _BLOCKS_PER_SLICE):
+        part = blocks[start:start + _BLOCKS_PER_SLICE]
+        _dequantize_blocks(part, t.tensor_type, out[start:start + len(part)])
+    return torch.from_numpy(out)
+
+
+_BLOCKS_PER_SLICE = 1 << 15  # 1M values: 4 MB of float32 per temporary
+
+
+def _dequantize_blocks(blocks: np.ndarray, kind: Q, out: np.ndarray) -> None:
+    """ggml's formulas for blocks of 32 into out (n_blocks, 32) float32."""
     d = blocks[:, :2].view(np.float16).astype(np.float32)  # (n_blocks, 1) scale
-    if t.tensor_type == Q.Q8_0:
-        return torch.from_numpy(blocks[:, 2:].view(np.int8).astype(np.float32) * d)
+    if kind == Q.Q8_0:
+        np.multiply(blocks[:, 2:].view(np.int8), d, out=out)
+        return
     # 4-bit: byte j holds element j in its low nibble and element j + 16 in its high one.
-    qs = blocks[:, 4:] if t.tensor_type == Q.Q4_1 else blocks[:, 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # (n_blocks, 32) in 0..15
-    if t.tensor_type == Q.Q4_0:
-        return torch.from_numpy(d * (q.astype(np.float32) - 8.0))
-    m = blocks[:, 2:4].view(np.float16).astype(np.float32)  # (n_blocks, 1) minimum
-    return torch.from_numpy(d * q.astype(np.float32) + m)
+    qs = blocks[:, 4:] if kind == Q.Q4_1 else blocks[:, 2:]
+    out[:, :16], out[:, 16:] = qs & 0x0F, qs >> 4
+    if kind == Q.Q4_0:
+        out -= 8.0
+        out *= d
+        return
+    out *= d
+    out += blocks[:, 2:4].view(np.float16).astype(np.float32)  # the block's minimum

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from models.errors import CheckpointError
 from models.llama4.config import ModelConfig
@@ -100,16 +101,43 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if parts is not None and quantization:
         raise ValueError("quantization: int4 does not combine with tensor parallelism yet")
     target = torch.float32 if quantization and dtype == "auto" else resolve_dtype(dtype, config)
-    model = model.to(torch.float32 if quantization else target).to_empty(device=device)
-    model.inv_freq = Llama4Model.rope_frequencies(config).to(device)  # was built on meta
-    load_weights(model, source, parts)
     if quantization:
-        from models.llama4.quantize import quantize_model
-
-        quantize_model(model, quantization)
-        model = model.to(target)
+        model = _load_quantized(model, source, quantization, device).to(target)
+    else:
+        model = model.to(target).to_empty(device=device)
+        load_weights(model, source, parts)
+    model.inv_freq = Llama4Model.rope_frequencies(config).to(device)  # was built on meta
     model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tok, path=path)
+
+
+def _load_quantized(model: Llama4Model, source, method: str, device: str) -> Llama4Model:
+    """Each layer that quantization replaces is read in float32 alone (so Q4_1 GGUF codes come
+    back exactly) and quantized at once; the rest is allocated in float32 up front. Peak memory
+    is the unquantized rest plus one layer, not the float32 model."""
+    from models.llama4.quantize import check, quantize_tied_head, quantizers
+
+    check(method, device)
+    model = model.to(torch.float32)
+    todo = quantizers(model)
+    # Allocate everything but the layers in `todo`: take them out, allocate, put them back on meta.
+    held = []
+    for name in todo:
+        parent, attr = _owner(model, name)
+        held.append((parent, attr, getattr(parent, attr)))
+        setattr(parent, attr, nn.Identity())
+    model.to_empty(device=device)
+    for parent, attr, layer in held:
+        setattr(parent, attr, layer)
+    load_weights(model, source, take=lambda name, weight: todo[name](weight))
+    quantize_tied_head(model, method)
+    return model
+
+
+def _owner(model: nn.Module, param: str) -> tuple[nn.Module, str]:
+    """The module holding a `<path>.weight` parameter, as (its parent, its attribute name)."""
+    path = param.removesuffix(".weight").split(".")
+    return model.get_submodule(".".join(path[:-1])), path[-1]
 
 
 def save_pretrained(model: Llama4Model, out_dir: str | Path, tokenizer: "Tokenizer | None" = None,

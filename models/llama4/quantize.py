@@ -8,6 +8,10 @@ embeddings, norms, the router and routed experts stay in float.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 from kernels.int4_linear import Int4Linear, int4_supported
@@ -17,20 +21,46 @@ METHODS = ("int4",)
 GROUP_SIZE = 32
 
 
-def quantize_model(model: nn.Module, method: str = "int4", group_size: int = GROUP_SIZE) -> int:
-    """Replaces linear layers in place; returns how many became int4."""
+def check(method: str, device: str | torch.device) -> None:
     if method not in METHODS:
         raise ValueError(f"quantization: {method!r} is not supported; choose one of {', '.join(METHODS)}")
-    if next(model.parameters()).device.type != "cpu":
+    if torch.device(device).type != "cpu":
         raise ValueError("quantization: int4 runs on CPU only for now (load with device='cpu')")
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+
+
+def quantizers(model: nn.Module, group_size: int = GROUP_SIZE) -> dict[str, Callable[[torch.Tensor], None]]:
+    """For each float weight (by parameter name) that quantization replaces, what puts the
+    quantized layer in its place given that weight. A tied output head is not among them: it
+    is made from the embedding, which stays (`quantize_tied_head`)."""
+    out: dict[str, Callable[[torch.Tensor], None]] = {}
+    for path, parent in model.named_modules():
+        for name, child in parent.named_children():
             if (isinstance(child, nn.Linear) and name not in ("router", "lm_head")
                     and int4_supported(child.out_features, child.in_features, group_size)):
-                setattr(parent, name, Int4Linear.from_float(child.weight.data, group_size))
-                count += 1
-    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    model.lm_head = Int8Linear(head.data)
+                out[f"{path}.{name}.weight" if path else f"{name}.weight"] = functools.partial(
+                    _put, parent, name, lambda w: Int4Linear.from_float(w, group_size))
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        out["lm_head.weight"] = functools.partial(_put, model, "lm_head", Int8Linear)
+    return out
+
+
+def _put(parent: nn.Module, name: str, make: Callable[[torch.Tensor], nn.Module], weight: torch.Tensor) -> None:
+    setattr(parent, name, make(weight))
+
+
+def quantize_tied_head(model: nn.Module, method: str) -> None:
+    if model.lm_head is None:
+        model.lm_head = Int8Linear(model.embed_tokens.weight.data)
     model.quantization = method
-    return count
+
+
+def quantize_model(model: nn.Module, method: str = "int4", group_size: int = GROUP_SIZE) -> int:
+    """Replaces linear layers of a loaded model in place; returns how many became int4. (The
+    loader quantizes each layer as it reads it instead: models/llama4/loader.py.)"""
+    check(method, next(model.parameters()).device)
+    params = dict(model.named_parameters())
+    todo = quantizers(model, group_size)
+    for name, put in todo.items():
+        put(params[name].data)
+    quantize_tied_head(model, method)
+    return sum(not name.startswith("lm_head") for name in todo)

@@ -8,6 +8,7 @@ naming that tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,15 +95,23 @@ def _check_names(table: list[Entry], source: TensorSource, c: ModelConfig) -> No
 Parts = dict[str, tuple[int, list[tuple[int, int]], int]]
 
 
-def load_weights(model: nn.Module, source: TensorSource, parts: Parts | None = None) -> None:
+def load_weights(model: nn.Module, source: TensorSource, parts: Parts | None = None,
+                 take: Callable[[str, torch.Tensor], None] | None = None) -> None:
     """Fills every parameter of `model` from `source`, one checkpoint tensor at a time; the
-    parameters named in `parts` from the slices it gives."""
+    parameters named in `parts` from the slices it gives. A parameter still on `meta` is read
+    into a fresh CPU tensor handed to `take(name, tensor)` instead (the loader quantizes such
+    layers one at a time, never holding them all in float)."""
     c: ModelConfig = model.config
     table = weight_table(c)
     _check_names(table, source, c)
     params = dict(model.named_parameters())
     for e in table:
-        param = params[e.param]
+        param = params.pop(e.param)
+        streamed = param.is_meta
+        if streamed:
+            if take is None:
+                raise ValueError(f"load_weights: {e.param} is on meta and nothing takes it")
+            param = torch.empty(param.shape, dtype=param.dtype)
         dim, ranges, full = (parts or {}).get(e.param, (0, None, 0))
         offset = 0
         for i, (name, rows) in enumerate(zip(e.sources, e.rows)):
@@ -121,6 +130,8 @@ def load_weights(model: nn.Module, source: TensorSource, parts: Parts | None = N
             with torch.no_grad():
                 param[offset:offset + n].copy_(value)
             offset += n
+        if streamed:
+            take(e.param, param)
 
 
 def export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
