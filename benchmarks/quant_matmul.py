@@ -64,7 +64,7 @@ def main() -> None:
         else:
             lin, nbytes = Int4Linear.from_float(w, 32), N * K // 2 + 4 * N * K // 32
         # Both called the way the C++ decode step calls them (no Python module in between).
-        herd, peer_fn = native_decode._vnni_linear(ext, lin), native_decode._native_linear(ext, lin, torch.float32)
+        herd, peer_fn = native_decode._vnni_kernel(ext, lin), native_decode._native_linear(ext, lin, torch.float32)
         x = torch.randn(M, K, generator=g)
         ours = median_us(herd, x, args.reps)
         peer = median_us(peer_fn, x, args.reps)

@@ -4,8 +4,8 @@ dimension (the scheme of llama.cpp's Q4_1: w = scale * q + min, q in 0..15).
 The matmul runs in torch's packed int4 CPU kernel (`_weight_int4pack_mm_for_cpu`), which
 reads a quarter of bf16's bytes: at small batch a linear layer costs what its weights take to
 stream from memory. CPU only for now: a CUDA kernel belongs to the kernels work. The serving
-engine may attach a faster kernel over the same weights (`fast`: herd's AVX-512 VNNI one, see
-serving/engine/native_decode.py), which forward then runs instead.
+engine may attach a faster kernel that takes the weights over (`Int4Linear.attach`: herd's
+AVX-512 VNNI one, see serving/engine/native_decode.py), which forward then runs instead.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat & 15, flat >> 4], dim=-1).flatten()
 
 
+def _pack(codes_NK: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_NK.to(torch.int32).contiguous(), 1)
+
+
 def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
     """Shapes the packed CPU kernel takes (N a multiple of 16, K of the group)."""
     return out_features % 16 == 0 and in_features % group_size == 0 and group_size in GROUP_SIZES
@@ -66,36 +70,50 @@ class Int4Linear(nn.Module):
         if not int4_supported(N, K, self.group_size):
             raise ValueError(f"Int4Linear: shape ({N}, {K}) with group {self.group_size} is not supported "
                              "(out_features must be a multiple of 16, in_features of the group size)")
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            codes_NK.to(torch.int32).contiguous(), 1))
+        self.register_buffer("packed", _pack(codes_NK))
         # The kernel computes (q - 8) * scale + zero; Q4_1's min is the weight at q = 0.
         zeros = mins.float() + 8 * scales.float()
         self.register_buffer("scales_zeros", torch.stack([scales.float().t(), zeros.t()], dim=-1)
                              .to(COMPUTE_DTYPE).contiguous())
-        # A faster kernel over the same weights, (M, K) float32 -> (M, N) float32, that the
-        # serving engine may attach (herd's VNNI one: serving/engine/native_decode.py).
-        self.fast = None
+        self.fast = None  # see attach
 
     @classmethod
     def from_float(cls, weight_NK: torch.Tensor, group_size: int = 32) -> Int4Linear:
         return cls(*quantize_int4(weight_NK, group_size))
 
+    def attach(self, fast) -> None:
+        """Runs `fast` from now on: a faster kernel ((M, K) float32 -> (M, N) float32; herd's
+        VNNI one, serving/engine/native_decode.py) holding the codes in its own layout, which
+        gives them back with `fast.codes()`. torch's packed copy is dropped: the layer holds its
+        weights once (a 4-bit Llama 4 Scout is ~55 GB of them)."""
+        self.fast = fast
+        self.packed = torch.empty(0, dtype=torch.uint8)
+
+    def detach(self) -> None:
+        """Back to torch's kernel, repacking the codes the fast kernel held."""
+        if self.fast is not None:
+            self.packed = _pack(self.fast.codes())
+            self.fast = None
+
     def dequantized(self) -> torch.Tensor:
-        """The float32 (N, K) weight the kernel multiplies by (the kernel applied to I)."""
-        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
-        sz = self.scales_zeros.float()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, sz).t().contiguous()
+        """The float32 (N, K) weight the kernels multiply by: (code - 8) * scale + zero, with
+        scale and zero as stored (bf16)."""
+        N, K, g = self.out_features, self.in_features, self.group_size
+        sz = self.scales_zeros.float().transpose(0, 1)  # (N, K / g, 2)
+        w = (self.codes().view(N, K // g, g).float() - 8) * sz[..., :1] + sz[..., 1:]
+        return w.view(N, K)
 
     def codes(self) -> torch.Tensor:
-        """The (N, K) uint8 codes back out of torch's packed buffer, for kernels that want their
-        own layout. Packing is a permutation of nibbles whose order is torch's business: packing
+        """The (N, K) uint8 codes, from whichever kernel holds them. Out of torch's packed
+        buffer: packing is a permutation of nibbles whose order is torch's business, so packing
         each 4-bit digit of every code's own index finds where each code went."""
+        if self.fast is not None:
+            return self.fast.codes()
         N, K = self.out_features, self.in_features
         index = torch.arange(N * K, dtype=torch.int32)
         where = torch.zeros(N * K, dtype=torch.int32)
         for shift in range(0, max(1, (N * K - 1).bit_length()), 4):
-            digits = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).view(N, K), 1)
-            where |= _nibbles(digits).to(torch.int32) << shift
+            where |= _nibbles(_pack(((index >> shift) & 15).view(N, K))).to(torch.int32) << shift
         codes = torch.empty(N * K, dtype=torch.uint8)
         codes[where.long()] = _nibbles(self.packed)
         return codes.view(N, K)

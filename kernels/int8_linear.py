@@ -27,10 +27,24 @@ class Int8Linear(nn.Module):
             codes[start:start + len(w)] = w.div_(s[:, None]).round_().clamp_(-127, 127)
         self.register_buffer("weight_int8", codes)
         self.register_buffer("scales", scale.to(torch.bfloat16))
-        self.fast = None  # as Int4Linear.fast
+        self.fast = None  # see attach
+
+    def attach(self, fast) -> None:
+        """As Int4Linear.attach: `fast` takes the int8 weights over (`fast.codes()` gives them back)."""
+        self.fast = fast
+        self.weight_int8 = torch.empty(0, dtype=torch.int8)
+
+    def detach(self) -> None:
+        if self.fast is not None:
+            self.weight_int8 = self.fast.codes()
+            self.fast = None
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) int8 weights, from whichever kernel holds them."""
+        return self.weight_int8 if self.fast is None else self.fast.codes()
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales.float()[:, None]
+        return self.codes().float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

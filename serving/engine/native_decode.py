@@ -152,32 +152,81 @@ def shares_prefix(slices: list[SeqSlice], block_size: int) -> bool:
 
 
 def use_vnni_kernels(model: nn.Module, on: bool = True) -> int:
-    """Attaches herd's VNNI kernels (`fast`) to the model's Int4Linear and Int8Linear layers
-    whose shapes they take (on a CPU with AVX-512 VNNI), or detaches them; returns how many
-    layers run in them."""
+    """Hands the model's Int4Linear and Int8Linear layers whose shapes they take to herd's VNNI
+    kernels (on a CPU with AVX-512 VNNI; the kernels then hold the weights, in their layout), or
+    back to torch's; returns how many layers run in them."""
     ext = extension()
     count = 0
     for lin in model.modules():
-        if type(lin) in (Int4Linear, Int8Linear):
-            lin.fast = _vnni_linear(ext, lin) if on and ext.vnni_supported() else None
-            count += lin.fast is not None
+        if type(lin) not in (Int4Linear, Int8Linear):
+            continue
+        if not on:
+            lin.detach()
+        elif lin.fast is None and ext.vnni_supported() and (fast := _vnni_kernel(ext, lin)) is not None:
+            lin.attach(fast)
+        count += lin.fast is not None
     return count
 
 
-def _vnni_linear(ext, lin: Int4Linear | Int8Linear):
+class VnniInt4:
+    """Int4Linear's fast kernel: (M, K) float32 -> (M, N) float32 over the codes in the layout of
+    vnni_matmul.h, [N / 16][K / 32][4][64] bytes: the byte for row r, input 8 c + j of a group
+    holds that code low and the code of input 8 c + 4 + j high, so that one 64-byte load feeds
+    16 rows x 4 inputs to each of two vpdpbusd. Scales and zeros stay the layer's own."""
+
+    def __init__(self, ext, lin: Int4Linear) -> None:
+        N, K = lin.out_features, lin.in_features
+        # codes[rb, r, g, c, h, j] -> [rb, g, c, r, j, h]
+        c = lin.codes().view(N // VNNI_ROWS, VNNI_ROWS, K // VNNI_GROUP, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        self.weight = (c[..., 0] | (c[..., 1] << 4)).reshape(N // VNNI_ROWS, K // VNNI_GROUP, 4, 64).contiguous()
+        if lin.scales_zeros.dtype != torch.bfloat16:
+            lin.scales_zeros = lin.scales_zeros.to(torch.bfloat16)
+        self.linear = ext.Linear(INT4_VNNI, self.weight, lin.scales_zeros, lin.group_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def codes(self) -> torch.Tensor:
+        rb, G = self.weight.shape[:2]
+        b = self.weight.view(rb, G, 4, VNNI_ROWS, 4)
+        c = torch.stack([b & 15, b >> 4], dim=-1)  # [rb, g, c, r, j, h] -> [rb, r, g, c, h, j]
+        return c.permute(0, 3, 1, 2, 5, 4).reshape(rb * VNNI_ROWS, G * VNNI_GROUP)
+
+
+class VnniInt8:
+    """Int8Linear's fast kernel over the weights as [N / 16][K / 4][16][4] (vnni_matmul.h)."""
+
+    def __init__(self, ext, lin: Int8Linear) -> None:
+        N, K = lin.out_features, lin.in_features
+        self.weight = lin.codes().view(N // VNNI_ROWS, VNNI_ROWS, K // 4, 4).transpose(1, 2).contiguous()
+        if lin.scales.dtype != torch.bfloat16:
+            lin.scales = lin.scales.to(torch.bfloat16)
+        self.linear = ext.Linear(INT8_VNNI, self.weight, lin.scales, 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def codes(self) -> torch.Tensor:
+        rb, k4 = self.weight.shape[:2]
+        return self.weight.transpose(1, 2).reshape(rb * VNNI_ROWS, k4 * 4)
+
+
+def _vnni_kernel(ext, lin: Int4Linear | Int8Linear) -> VnniInt4 | VnniInt8 | None:
+    """The VNNI kernel for the layer, or None where its shape does not suit (rows in 16s,
+    inputs in groups of 32)."""
+    if lin.out_features % VNNI_ROWS:
+        return None
     if type(lin) is Int4Linear and lin.group_size % VNNI_GROUP == 0:
-        return ext.Linear(INT4_VNNI, *int4_vnni_layout(lin), 0)
-    if type(lin) is Int8Linear and lin.in_features % VNNI_GROUP == 0 and lin.out_features % VNNI_ROWS == 0:
-        N, K = lin.weight_int8.shape  # rows in 16s, each row's inputs in 4s: [N / 16][K / 4][16][4]
-        w = lin.weight_int8.view(N // VNNI_ROWS, VNNI_ROWS, K // 4, 4).transpose(1, 2).contiguous()
-        return ext.Linear(INT8_VNNI, w, lin.scales.to(torch.bfloat16), 0)
+        return VnniInt4(ext, lin)
+    if type(lin) is Int8Linear and lin.in_features % VNNI_GROUP == 0:
+        return VnniInt8(ext, lin)
     return None
 
 
 def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
     kind = _linear_kind(lin, dtype)
     if kind in (INT4, INT8) and lin.fast is not None:
-        return lin.fast
+        return lin.fast.linear
     if kind == INT4:
         if lin.scales_zeros.dtype != torch.bfloat16:
             lin.scales_zeros = lin.scales_zeros.to(torch.bfloat16)
@@ -187,18 +236,3 @@ def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
             lin.scales = lin.scales.to(torch.bfloat16)
         return ext.Linear(INT8, lin.weight_int8, lin.scales, 0)
     return ext.Linear(DENSE, lin.weight.detach(), torch.empty(0), 0)
-
-
-def int4_vnni_layout(lin: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int4 VNNI kernel's codes (N / 16, K / 32, 4, 64) uint8 and scales and zeros (N / 16,
-    K / 32, 2, 16) bf16 (vnni_matmul.h): the byte for row r, input 8 c + j of a group holds that
-    code low and the code of input 8 c + 4 + j high, so that one 64-byte load feeds 16 rows x 4
-    inputs to each of two vpdpbusd."""
-    N, K = lin.out_features, lin.in_features
-    G = K // VNNI_GROUP
-    # codes[rb, r, g, c, h, j] -> [rb, g, c, r, j, h]
-    c = lin.codes().view(N // VNNI_ROWS, VNNI_ROWS, G, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
-    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(N // VNNI_ROWS, G, 4, 64).contiguous()
-    sz = lin.scales_zeros.to(torch.bfloat16).repeat_interleave(lin.group_size // VNNI_GROUP, dim=0)  # (G, N, 2)
-    sz = sz.view(G, N // VNNI_ROWS, VNNI_ROWS, 2).permute(1, 0, 3, 2).contiguous()
-    return packed, sz

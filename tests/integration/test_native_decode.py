@@ -104,12 +104,13 @@ needs_vnni = pytest.mark.skipif(not nd.extension().vnni_supported(), reason="thi
                          ids=["int4-g32", "int4-g64", "int8"])
 def test_vnni_linears_round_only_the_activations(lin):
     """Against the float weights each layer holds: int8 activations in groups of 32 cost ~0.5%
-    (a wrong code, scale or layout costs tens of %); and every row's result is the same bits
-    alone as inside a batch of 1..7 (the kernel tiles rows in fours)."""
+    (a wrong code, scale or layout costs tens of %); every row's result is the same bits alone
+    as inside a batch of 1..7 (the kernel tiles rows in fours); and the kernel takes the weights
+    over (the layer keeps no second copy) and hands them back intact."""
     x = torch.randn(7, lin.in_features, generator=torch.Generator().manual_seed(3))
     want = x @ lin.dequantized().T
-    torch_kernels = lin(x)
-    vnni = nd._vnni_linear(nd.extension(), lin)
+    codes, torch_kernels = lin.codes(), lin(x)
+    vnni = nd._vnni_kernel(nd.extension(), lin)
     got = vnni(x)
     for y in (got, torch_kernels):
         err = float((y - want).norm() / want.norm())
@@ -117,11 +118,13 @@ def test_vnni_linears_round_only_the_activations(lin):
     assert not torch.equal(got, torch_kernels)  # two different roundings of the activations
     for B in range(1, 7):
         assert torch.equal(vnni(x[:B]), got[:B]), B
-    lin.fast = vnni  # what use_vnni_kernels attaches: the module's forward runs it
+    lin.attach(vnni)  # what use_vnni_kernels does: the module's forward runs it
     assert torch.equal(lin(x.view(7, 1, -1)).view(7, -1), got)
-    lin.fast = None
+    assert torch.equal(lin.codes(), codes) and (lin.packed if type(lin) is Int4Linear else lin.weight_int8).numel() == 0
+    lin.detach()
+    assert torch.equal(lin(x), torch_kernels)
     # Rows come in blocks of 16 and inputs in groups of 32; other layers keep torch's kernels.
-    assert nd._vnni_linear(nd.extension(), Int8Linear(torch.randn(100, 96))) is None
+    assert nd._vnni_kernel(nd.extension(), Int8Linear(torch.randn(100, 96))) is None
 
 
 @needs_vnni

@@ -30,8 +30,7 @@ struct Linear {
   // dense: (N, K) float32 or bf16; int4: torch's packed codes; int8: (N, K) int8;
   // int4 VNNI: (N / 16, K / 32, 4, 64) uint8; int8 VNNI: (N / 16, K / 4, 16, 4) int8 (vnni_matmul.h)
   at::Tensor weight;
-  // int4: scales_zeros (bf16); int8 (either): per-row scales (bf16); int4 VNNI: (N / 16, K / 32,
-  // 2, 16) bf16; dense: unused
+  // int4 (either): Int4Linear.scales_zeros (bf16); int8 (either): per-row scales (bf16); dense: unused
   at::Tensor scales;
   int64_t group;
 
@@ -66,8 +65,8 @@ struct Linear {
     const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
     if (int4) {
       herd::int4_matmul(q.data_ptr<int8_t>(), scale.data_ptr<float>(), sum.data_ptr<float>(),
-                        qsum.data_ptr<int32_t>(), B, K,
-                        weight.data_ptr<uint8_t>(), s, N, y.data_ptr<float>(), at::get_num_threads());
+                        qsum.data_ptr<int32_t>(), B, K, weight.data_ptr<uint8_t>(), s, group, N,
+                        y.data_ptr<float>(), at::get_num_threads());
     } else {
       std::vector<float> offset(B);
       herd::int8_offsets(scale.data_ptr<float>(), qsum.data_ptr<int32_t>(), B, K, offset.data());

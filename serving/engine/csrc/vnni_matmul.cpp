@@ -31,6 +31,13 @@ inline __m512 bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+// 16 (bf16 s, bf16 z) pairs -> s and z as floats: each 32-bit lane holds s low, z high.
+inline void scale_zero_x16(const uint16_t* p, __m512& s, __m512& z) {
+  const __m512i v = _mm512_loadu_si512(p);
+  s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 inline int32_t four_bytes(const int8_t* p) {
   int32_t v;
   __builtin_memcpy(&v, p, sizeof(v));
@@ -39,8 +46,8 @@ inline int32_t four_bytes(const int8_t* p) {
 
 // 16 rows (block rb) of y for NB consecutive activation rows from b0.
 template <int NB>
-void int4_block(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t b0, int64_t K, const uint8_t* w,
-                const uint16_t* sz, int64_t rb, int64_t N, float* y) {
+void int4_block(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t b0, int64_t K,
+                const uint8_t* w, const uint16_t* sz, int64_t group, int64_t rb, int64_t N, float* y) {
   const int64_t G = K / kQuantGroup;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[NB];
@@ -59,8 +66,8 @@ void int4_block(const int8_t* q, const float* scale, const float* sum, const int
         dot[t] = _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(four_bytes(xt + 4)));
       }
     }
-    const uint16_t* sg = sz + (rb * G + g) * 2 * kRows;
-    const __m512 s = bf16x16(sg), z = bf16x16(sg + kRows);
+    __m512 s, z;
+    scale_zero_x16(sz + ((g * kQuantGroup / group) * N + rb * kRows) * 2, s, z);
     for (int t = 0; t < NB; ++t) {
       const int64_t i = (b0 + t) * G + g;
       const __m512i centred = _mm512_sub_epi32(dot[t], _mm512_set1_epi32(8 * qsum[i]));
@@ -115,16 +122,16 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale
   }
 }
 
-void int4_matmul(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t B, int64_t K, const uint8_t* w,
-                 const uint16_t* sz, int64_t N, float* y, int threads) {
+void int4_matmul(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t B, int64_t K,
+                 const uint8_t* w, const uint16_t* sz, int64_t group, int64_t N, float* y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t rb = 0; rb < N / kRows; ++rb) {
     int64_t b0 = 0;
-    for (; b0 + 4 <= B; b0 += 4) int4_block<4>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y);
+    for (; b0 + 4 <= B; b0 += 4) int4_block<4>(q, scale, sum, qsum, b0, K, w, sz, group, rb, N, y);
     switch (B - b0) {
-      case 3: int4_block<3>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y); break;
-      case 2: int4_block<2>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y); break;
-      case 1: int4_block<1>(q, scale, sum, qsum, b0, K, w, sz, rb, N, y); break;
+      case 3: int4_block<3>(q, scale, sum, qsum, b0, K, w, sz, group, rb, N, y); break;
+      case 2: int4_block<2>(q, scale, sum, qsum, b0, K, w, sz, group, rb, N, y); break;
+      case 1: int4_block<1>(q, scale, sum, qsum, b0, K, w, sz, group, rb, N, y); break;
       default: break;
     }
   }

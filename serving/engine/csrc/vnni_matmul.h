@@ -23,13 +23,13 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* scale
 // int8_matmul's offset per activation row, from quantize_rows' scale and qsum.
 void int8_offsets(const float* scale, const int32_t* qsum, int64_t B, int64_t K, float* offset);
 
-// y (B, N) = x @ W.T with W = (code - 8) * s + z per row and group of 32 inputs, computed as
-// s * sum((code - 8) * q) * scale + z * sum (code - 8 keeps the rounding of q small against W). w holds the
-// codes as [N / 16][K / 32][4][64] bytes: in byte 4 * r + j of chunk c, row r's code for input
-// 8 * c + j in the low nibble and 8 * c + 4 + j in the high one. sz holds [N / 16][K / 32][2][16]
-// bfloat16 bits: the 16 rows' s, then their z.
+// y (B, N) = x @ W.T with W = (code - 8) * s + z per row and group of `group` inputs (a multiple
+// of 32), computed as s * sum((code - 8) * q) * scale + z * sum (code - 8 keeps the rounding of q
+// small against W). w holds the codes as [N / 16][K / 32][4][64] bytes: in byte 4 * r + j of
+// chunk c, row r's code for input 8 * c + j in the low nibble and 8 * c + 4 + j in the high one.
+// sz holds [K / group][N][2] bfloat16 bits, each row's s then z (Int4Linear.scales_zeros).
 void int4_matmul(const int8_t* q, const float* scale, const float* sum, const int32_t* qsum, int64_t B, int64_t K,
-                 const uint8_t* w, const uint16_t* sz, int64_t N, float* y, int threads);
+                 const uint8_t* w, const uint16_t* sz, int64_t group, int64_t N, float* y, int threads);
 
 // y (B, N) = x @ (W * s[:, None]).T for W int8 held as [N / 16][K / 4][16][4] (row r's inputs
 // 4 i .. 4 i + 3 in bytes 4 r .. 4 r + 3 of the i-th 64), s (N,) bfloat16 bits; offset (B,) from
