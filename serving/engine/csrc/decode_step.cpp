@@ -56,22 +56,24 @@ struct Linear {
     TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat &&
                     K == (int4 ? weight.size(1) * herd::kQuantGroup : weight.size(1) * 4),
                 "a VNNI linear got input ", x.sizes(), " for weight ", weight.sizes());
-    at::Tensor q = at::empty({B, K}, x.options().dtype(at::kChar));
-    at::Tensor scale = at::empty({B, G}, x.options()), sum = at::empty({B, G}, x.options());
-    at::Tensor qsum = at::empty({B, G}, x.options().dtype(at::kInt));
+    // One scratch allocation per call (this runs ~120 times a step): per group of each row its
+    // scale, sum and sum of q (4 bytes each), then per row int8_matmul's offset, then q itself.
+    std::vector<int32_t> scratch(3 * B * G + B + (B * K + 3) / 4);
+    float* scale = reinterpret_cast<float*>(scratch.data());
+    float* sum = scale + B * G;
+    int32_t* qsum = scratch.data() + 2 * B * G;
+    float* offset = reinterpret_cast<float*>(qsum + B * G);
+    int8_t* q = reinterpret_cast<int8_t*>(offset + B);
     at::Tensor y = at::empty({B, N}, x.options());
-    herd::quantize_rows(x.data_ptr<float>(), B, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                        sum.data_ptr<float>(), qsum.data_ptr<int32_t>());
+    herd::quantize_rows(x.data_ptr<float>(), B, K, q, scale, sum, qsum);
     const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
     if (int4) {
-      herd::int4_matmul(q.data_ptr<int8_t>(), scale.data_ptr<float>(), sum.data_ptr<float>(),
-                        qsum.data_ptr<int32_t>(), B, K, weight.data_ptr<uint8_t>(), s, group, N,
-                        y.data_ptr<float>(), at::get_num_threads());
+      herd::int4_matmul(q, scale, sum, qsum, B, K, weight.data_ptr<uint8_t>(), s, group, N, y.data_ptr<float>(),
+                        at::get_num_threads());
     } else {
-      std::vector<float> offset(B);
-      herd::int8_offsets(scale.data_ptr<float>(), qsum.data_ptr<int32_t>(), B, K, offset.data());
-      herd::int8_matmul(q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset.data(), B, K, weight.data_ptr<int8_t>(),
-                        s, N, y.data_ptr<float>(), at::get_num_threads());
+      herd::int8_offsets(scale, qsum, B, K, offset);
+      herd::int8_matmul(q, scale, offset, B, K, weight.data_ptr<int8_t>(), s, N, y.data_ptr<float>(),
+                        at::get_num_threads());
     }
     return y;
   }
