@@ -121,23 +121,15 @@ def _load_quantized(model: Llama4Model, source, method: str, device: str) -> Lla
     model = model.to(torch.float32)
     todo = quantizers(model)
     # Allocate everything but the layers in `todo`: take them out, allocate, put them back on meta.
-    held = []
-    for name in todo:
-        parent, attr = _owner(model, name)
-        held.append((parent, attr, getattr(parent, attr)))
-        setattr(parent, attr, nn.Identity())
+    held = [getattr(r.parent, r.name) for r in todo.values()]
+    for r in todo.values():
+        setattr(r.parent, r.name, nn.Identity())
     model.to_empty(device=device)
-    for parent, attr, layer in held:
-        setattr(parent, attr, layer)
-    load_weights(model, source, take=lambda name, weight: todo[name](weight))
+    for r, layer in zip(todo.values(), held, strict=True):
+        setattr(r.parent, r.name, layer)
+    load_weights(model, source, take=lambda name, weight: todo[name].put(weight))
     quantize_tied_head(model, method)
     return model
-
-
-def _owner(model: nn.Module, param: str) -> tuple[nn.Module, str]:
-    """The module holding a `<path>.weight` parameter, as (its parent, its attribute name)."""
-    path = param.removesuffix(".weight").split(".")
-    return model.get_submodule(".".join(path[:-1])), path[-1]
 
 
 def save_pretrained(model: Llama4Model, out_dir: str | Path, tokenizer: "Tokenizer | None" = None,

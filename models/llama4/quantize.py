@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,24 +29,32 @@ def check(method: str, device: str | torch.device) -> None:
         raise ValueError("quantization: int4 runs on CPU only for now (load with device='cpu')")
 
 
-def quantizers(model: nn.Module, group_size: int = GROUP_SIZE) -> dict[str, Callable[[torch.Tensor], None]]:
-    """For each float weight (by parameter name) that quantization replaces, what puts the
-    quantized layer in its place given that weight. A tied output head is not among them: it
-    is made from the embedding, which stays (`quantize_tied_head`)."""
-    out: dict[str, Callable[[torch.Tensor], None]] = {}
+@dataclass(frozen=True)
+class Replacement:
+    """A float linear layer that quantization replaces: `put(weight)` sets the quantized layer
+    made from that weight as `parent.<name>`."""
+
+    parent: nn.Module
+    name: str
+    make: Callable[[torch.Tensor], nn.Module]
+
+    def put(self, weight: torch.Tensor) -> None:
+        setattr(self.parent, self.name, self.make(weight))
+
+
+def quantizers(model: nn.Module, group_size: int = GROUP_SIZE) -> dict[str, Replacement]:
+    """The layers quantization replaces, by their weight's parameter name. A tied output head
+    is not among them: it is made from the embedding, which stays (`quantize_tied_head`)."""
+    out: dict[str, Replacement] = {}
     for path, parent in model.named_modules():
         for name, child in parent.named_children():
             if (isinstance(child, nn.Linear) and name not in ("router", "lm_head")
                     and int4_supported(child.out_features, child.in_features, group_size)):
-                out[f"{path}.{name}.weight" if path else f"{name}.weight"] = functools.partial(
-                    _put, parent, name, lambda w: Int4Linear.from_float(w, group_size))
+                out[f"{path}.{name}.weight" if path else f"{name}.weight"] = Replacement(
+                    parent, name, functools.partial(Int4Linear.from_float, group_size=group_size))
     if isinstance(getattr(model, "lm_head", None), nn.Linear):
-        out["lm_head.weight"] = functools.partial(_put, model, "lm_head", Int8Linear)
+        out["lm_head.weight"] = Replacement(model, "lm_head", Int8Linear)
     return out
-
-
-def _put(parent: nn.Module, name: str, make: Callable[[torch.Tensor], nn.Module], weight: torch.Tensor) -> None:
-    setattr(parent, name, make(weight))
 
 
 def quantize_tied_head(model: nn.Module, method: str) -> None:
@@ -60,7 +69,7 @@ def quantize_model(model: nn.Module, method: str = "int4", group_size: int = GRO
     check(method, next(model.parameters()).device)
     params = dict(model.named_parameters())
     todo = quantizers(model, group_size)
-    for name, put in todo.items():
-        put(params[name].data)
+    for name, layer in todo.items():
+        layer.put(params[name].data)
     quantize_tied_head(model, method)
     return sum(not name.startswith("lm_head") for name in todo)
