@@ -168,7 +168,14 @@ def use_vnni_kernels(model: nn.Module, on: bool = True) -> int:
     return count
 
 
-class VnniInt4:
+class _Vnni:
+    linear: object  # the extension's Linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class VnniInt4(_Vnni):
     """Int4Linear's fast kernel: (M, K) float32 -> (M, N) float32 over the codes in the layout of
     vnni_matmul.h, [N / 16][K / 32][4][64] bytes: the byte for row r, input 8 c + j of a group
     holds that code low and the code of input 8 c + 4 + j high, so that one 64-byte load feeds
@@ -179,12 +186,7 @@ class VnniInt4:
         # codes[rb, r, g, c, h, j] -> [rb, g, c, r, j, h]
         c = lin.codes().view(N // VNNI_ROWS, VNNI_ROWS, K // VNNI_GROUP, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
         self.weight = (c[..., 0] | (c[..., 1] << 4)).reshape(N // VNNI_ROWS, K // VNNI_GROUP, 4, 64).contiguous()
-        if lin.scales_zeros.dtype != torch.bfloat16:
-            lin.scales_zeros = lin.scales_zeros.to(torch.bfloat16)
-        self.linear = ext.Linear(INT4_VNNI, self.weight, lin.scales_zeros, lin.group_size)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        self.linear = ext.Linear(INT4_VNNI, self.weight, _bf16_scales(lin), lin.group_size)
 
     def codes(self) -> torch.Tensor:
         rb, G = self.weight.shape[:2]
@@ -193,18 +195,13 @@ class VnniInt4:
         return c.permute(0, 3, 1, 2, 5, 4).reshape(rb * VNNI_ROWS, G * VNNI_GROUP)
 
 
-class VnniInt8:
+class VnniInt8(_Vnni):
     """Int8Linear's fast kernel over the weights as [N / 16][K / 4][16][4] (vnni_matmul.h)."""
 
     def __init__(self, ext, lin: Int8Linear) -> None:
         N, K = lin.out_features, lin.in_features
         self.weight = lin.codes().view(N // VNNI_ROWS, VNNI_ROWS, K // 4, 4).transpose(1, 2).contiguous()
-        if lin.scales.dtype != torch.bfloat16:
-            lin.scales = lin.scales.to(torch.bfloat16)
-        self.linear = ext.Linear(INT8_VNNI, self.weight, lin.scales, 0)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        self.linear = ext.Linear(INT8_VNNI, self.weight, _bf16_scales(lin), 0)
 
     def codes(self) -> torch.Tensor:
         rb, k4 = self.weight.shape[:2]
@@ -228,11 +225,16 @@ def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
     if kind in (INT4, INT8) and lin.fast is not None:
         return lin.fast.linear
     if kind == INT4:
-        if lin.scales_zeros.dtype != torch.bfloat16:
-            lin.scales_zeros = lin.scales_zeros.to(torch.bfloat16)
-        return ext.Linear(INT4, lin.packed, lin.scales_zeros, lin.group_size)
+        return ext.Linear(INT4, lin.packed, _bf16_scales(lin), lin.group_size)
     if kind == INT8:
-        if lin.scales.dtype != torch.bfloat16:
-            lin.scales = lin.scales.to(torch.bfloat16)
-        return ext.Linear(INT8, lin.weight_int8, lin.scales, 0)
+        return ext.Linear(INT8, lin.weight_int8, _bf16_scales(lin), 0)
     return ext.Linear(DENSE, lin.weight.detach(), torch.empty(0), 0)
+
+
+def _bf16_scales(lin: Int4Linear | Int8Linear) -> torch.Tensor:
+    """The layer's scales (int4: with zeros) as its kernels read them, bfloat16 (recast in place
+    if a model.to(dtype) changed them)."""
+    attr = "scales_zeros" if type(lin) is Int4Linear else "scales"
+    if getattr(lin, attr).dtype != torch.bfloat16:
+        setattr(lin, attr, getattr(lin, attr).to(torch.bfloat16))
+    return getattr(lin, attr)
