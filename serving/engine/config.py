@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 
 def default_compile(device: str, compile: bool | None) -> bool:
-    """Whether to torch.compile the decode step when the user did not say (None): yes on CPU,
-    as vLLM compiles by default; no elsewhere, where compiled decode with the Triton kernels
-    has never run (no GPU to check it on)."""
+    """Whether to compile the decode step when the user did not say (None): yes on CPU, as vLLM
+    compiles by default; not yet on CUDA, where compiling means capturing CUDA graphs
+    (cuda_graphs.py), which no GPU has run so far."""
     return device == "cpu" if compile is None else compile
 
 
@@ -30,7 +30,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
-    compile: bool = False  # compile the decode step (torch.compile, or the C++ step below)
+    compile: bool = False  # compile the decode step: CUDA graphs on GPU; on CPU torch.compile or the C++ step
     # herd's C++ decode step (serving/engine/native_decode.py) where the model allows it, when
     # compiling; False keeps torch.compile for every model.
     native_decode: bool = True

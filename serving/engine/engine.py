@@ -84,7 +84,8 @@ class LLMEngine:
                      "a minute or two on a small CPU; --enforce-eager or LLM(enforce_eager=True) skips it)")
         self.runner = runner_factory(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
                                      self.tokenizer.token_to_str, compile=config.compile,
-                                     native_decode=config.native_decode)
+                                     native_decode=config.native_decode, max_model_len=self.max_model_len,
+                                     max_num_seqs=config.max_num_seqs)
         self.runner.warm_up()
         if config.compile:
             log.info("decode step compiled in %.1fs", time.perf_counter() - t0)

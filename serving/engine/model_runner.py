@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from kernels.dispatch import use_triton
 from models.llama4.model import Llama4Model
+from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.native_decode import NativeDecode, shares_prefix, unsupported_reason
 from serving.engine.outputs import PositionLogprobs
 from serving.engine.paged_attention import PagedAttention, SeqSlice
@@ -57,7 +59,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 class ModelRunner:
     def __init__(self, model: Llama4Model, num_blocks: int, block_size: int,
                  stop_ids_for, decode_token=lambda t: None, compile: bool = False,
-                 native_decode: bool = True) -> None:
+                 native_decode: bool = True, max_model_len: int | None = None, max_num_seqs: int = 256) -> None:
         self.model = model
         self.chunk_sizes = {layer.self_attn.chunk_size for layer in model.layers}
         self.block_size = block_size
@@ -71,13 +73,23 @@ class ModelRunner:
         self.k_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.v_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.pad_block = num_blocks
-        # A compiled decode step: herd's C++ one where the model allows (native_decode.py), else
-        # torch.compile over steps of plain decodes (DecodeOnlyAttention): the whole forward is
-        # one graph. Steps with prefills stay eager: their attention bookkeeping varies per step,
-        # and a graph break inside the layer loop would make dynamo give up on the whole forward.
+        # A compiled decode step. Where the Triton kernels run (CUDA): CUDA graphs of steps of
+        # plain decodes (cuda_graphs.py), on one process (a tensor-parallel step's collectives would
+        # have to be captured too). Elsewhere herd's C++ step where the model allows
+        # (native_decode.py), else torch.compile over steps of plain decodes (DecodeOnlyAttention):
+        # the whole forward is one graph. Steps with prefills stay eager: their attention
+        # bookkeeping varies per step, and a graph break inside the layer loop would make dynamo
+        # give up on the whole forward.
         self.decode_forward = model.forward
         self.native: NativeDecode | None = None
-        if compile:
+        self.graphs: DecodeGraphs | None = None
+        if compile and use_triton(model.embed_tokens.weight):  # CUDA, or HERD_KERNELS=triton
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                log.info("decode step: eager (CUDA graphs are not captured under tensor parallelism)")
+            else:
+                self.graphs = DecodeGraphs(model, self.k_caches, self.v_caches, block_size,
+                                           max_model_len or num_blocks * block_size, max_num_seqs, self.pad_block)
+        elif compile:
             reason = unsupported_reason(model) if native_decode else "native_decode is off"
             if reason is None:
                 self.native = NativeDecode(model, self.k_caches, self.v_caches, block_size)
@@ -90,7 +102,13 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compiles the decode graphs now rather than in the first requests (batch of 1, and
-        of several), with decodes whose keys all live in the zero padding block."""
+        of several), with decodes whose keys all live in the zero padding block; or captures the
+        CUDA graphs."""
+        if self.graphs is not None:
+            self.graphs.capture()
+            for cache in self.k_caches + self.v_caches:  # capturing wrote padding rows' k/v there
+                cache[self.pad_block].zero_()
+            return
         if self.decode_forward is self.model.forward:  # eager, or the C++ step (nothing to compile)
             return
         bs, pad = self.block_size, self.pad_block
@@ -126,13 +144,16 @@ class ModelRunner:
         """The forward pass over the step's tokens -> logits of step.logit_rows. Under tensor
         parallelism every rank runs this with the same step (it holds the collectives)."""
         dev = self.device
-        if (self.native is not None and all(s.q_len == 1 for s in step.slices)
-                and not shares_prefix(step.slices, self.block_size)
-                and not use_triton(self.model.embed_tokens.weight)):  # HERD_KERNELS=triton: the kernels
-            hidden_TD = self.native(step.ids, step.slices)
-            return self._logits(hidden_TD, step.logit_rows)
+        # The Triton kernels of kernels/ (CUDA, or HERD_KERNELS=triton: interpreted in tests)?
+        kernels = use_triton(self.model.embed_tokens.weight)
+        decodes = all(s.q_len == 1 for s in step.slices)
+        if (self.native is not None and decodes and not kernels
+                and not shares_prefix(step.slices, self.block_size)):
+            return self._logits(self.native(step.ids, step.slices), step.logit_rows)
+        if self.graphs is not None and decodes and kernels and self.graphs.fits(step.slices):
+            return self._logits(self.graphs(step.ids, step.positions, step.slices), step.logit_rows)
         positions_T = torch.tensor(step.positions, device=dev)
-        if use_triton(positions_T):  # the Triton kernels of kernels/ (CUDA, or interpreted in tests)
+        if kernels:
             from serving.engine.kernel_attention import KernelPagedAttention
 
             attn, decode = KernelPagedAttention(self.k_caches, self.v_caches, self.block_size, step.slices,
