@@ -34,6 +34,10 @@ class EngineConfig:
     # herd's C++ decode step (serving/engine/native_decode.py) where the model allows it, when
     # compiling; False keeps torch.compile for every model.
     native_decode: bool = True
+    # bfloat16 models on CPUs without bfloat16 arithmetic: GEMMs of many rows from float32 copies of
+    # the weights (serving/engine/cpu_gemm.py; faster, for twice the weights' memory again).
+    # None: on CPUs without bfloat16 arithmetic.
+    float32_gemms: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -10,6 +10,7 @@ from typing import Any
 
 from models.errors import CheckpointError
 from models.llama4 import LoadedModel, load_model
+from serving.engine import cpu_gemm
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.memory import plan_kv_blocks
@@ -72,6 +73,9 @@ class LLMEngine:
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens: {config.max_num_batched_tokens} is below max_model_len "
                              f"{self.max_model_len}; without chunked prefill a long prompt could never run")
+        if cpu_gemm.wanted(self.model, config.float32_gemms):  # before memory is planned
+            log.info("float32 copies of the weights for GEMMs of %d rows or more: %d layers "
+                     "(float32_gemms=False turns them off)", cpu_gemm.MIN_ROWS, cpu_gemm.use_float32_gemms(self.model))
         num_blocks = plan_kv_blocks(self.model, config, self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,

@@ -31,6 +31,7 @@ from torch import nn
 from kernels.int4_linear import Int4Linear
 from kernels.int8_linear import Int8Linear
 from models.llama4.model import MLP, Llama4Model
+from serving.engine.cpu_gemm import Float32GemmLinear
 from serving.engine.decode_attention import CASCADE_MIN_TOKENS, shared_prefix_blocks
 from serving.engine.paged_attention import SeqSlice
 
@@ -66,7 +67,8 @@ def unsupported_reason(model: Llama4Model) -> str | None:
 
 
 def _linear_kind(lin: nn.Module, dtype: torch.dtype) -> int | None:
-    if type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == dtype:
+    dense = type(lin) is Float32GemmLinear or (type(lin) is nn.Linear and lin.bias is None)
+    if dense and lin.weight.dtype == dtype:
         return DENSE
     if type(lin) is Int4Linear:
         return INT4
@@ -228,6 +230,8 @@ def _native_linear(ext, lin: nn.Module, dtype: torch.dtype):
         return ext.Linear(INT4, lin.packed, _bf16_scales(lin), lin.group_size)
     if kind == INT8:
         return ext.Linear(INT8, lin.weight_int8, _bf16_scales(lin), 0)
+    if type(lin) is Float32GemmLinear:
+        return ext.Linear(DENSE, lin.weight.detach(), lin.weight_f32, lin.min_rows)
     return ext.Linear(DENSE, lin.weight.detach(), torch.empty(0), 0)
 
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from kernels.int4_linear import Int4Linear
 from kernels.int8_linear import Int8Linear
 from models.llama4 import load_model
 from models.llama4.generate import generate_tokens
 from models.llama4.quantize import quantize_model
-from serving.engine import SamplingParams, model_runner
+from serving.engine import SamplingParams, cpu_gemm, model_runner
 from serving.engine import native_decode as nd
+from serving.engine.cpu_gemm import Float32GemmLinear
 from serving.engine.model_runner import ModelRunner, StepInputs
 from serving.engine.native_decode import unsupported_reason
 from serving.engine.paged_attention import SeqSlice
@@ -144,3 +147,34 @@ def test_int4_model_batched_equals_alone_through_the_vnni_step(dense_llama4):
         alone = run(engine, [[req]])
         assert together[f"r{i}"].outputs[0].token_ids == alone[f"r{i}"].outputs[0].token_ids, f"request {i}"
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_float32_gemms_round_like_the_bfloat16_ones(dense_llama4):
+    """cpu_gemm: a bfloat16 layer given a float32 copy runs GEMMs of MIN_ROWS rows or more from it,
+    its output rounded to bfloat16 (so within a bfloat16 step of the bfloat16 GEMM's), in Python and
+    in the C++ step's Linear alike, and smaller ones on the bfloat16 weight itself. An engine over a
+    bfloat16 model gets the copies by default on a CPU without bfloat16 arithmetic."""
+    model = load_model(dense_llama4.path, dtype="bfloat16").model
+    count = cpu_gemm.use_float32_gemms(model)
+    assert count == 4 * len(model.layers) + 1 and type(model.lm_head) is Float32GemmLinear  # the tied head
+    assert cpu_gemm.use_float32_gemms(model) == count  # once only
+    lin = model.layers[0].feed_forward.down_proj
+    step_linear = nd._native_linear(nd.extension(), lin, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for rows in (4, cpu_gemm.MIN_ROWS - 1, cpu_gemm.MIN_ROWS, 64):
+        x = torch.randn(rows, lin.in_features, generator=g).bfloat16()
+        got, bf16 = lin(x), F.linear(x, lin.weight)
+        if rows < cpu_gemm.MIN_ROWS:
+            assert torch.equal(got, bf16)
+        else:
+            assert torch.equal(got, F.linear(x.float(), lin.weight.float()).bfloat16())
+            torch.testing.assert_close(got, bf16, rtol=2 ** -7, atol=1e-3)
+        assert torch.equal(step_linear(x.float()), got.float())
+    fresh = {}
+    for setting in (None, False):
+        loaded = load_model(dense_llama4.path, dtype="bfloat16")
+        engine_for(loaded, float32_gemms=setting)
+        fresh[setting] = type(loaded.model.layers[0].self_attn.qkv_proj)
+    assert fresh[False] is nn.Linear
+    bf16_arithmetic = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert fresh[None] is (nn.Linear if bf16_arithmetic else Float32GemmLinear)

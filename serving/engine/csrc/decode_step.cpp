@@ -30,7 +30,8 @@ struct Linear {
   // dense: (N, K) float32 or bf16; int4: torch's packed codes; int8: (N, K) int8;
   // int4 VNNI: (N / 16, K / 32, 4, 64) uint8; int8 VNNI: (N / 16, K / 4, 16, 4) int8 (vnni_matmul.h)
   at::Tensor weight;
-  // int4 (either): Int4Linear.scales_zeros (bf16); int8 (either): per-row scales (bf16); dense: unused
+  // int4 (either): Int4Linear.scales_zeros (bf16); int8 (either): per-row scales (bf16);
+  // dense bf16: a float32 copy of the weight for inputs of `group` rows or more (cpu_gemm.py), or empty
   at::Tensor scales;
   int64_t group;
 
@@ -44,8 +45,10 @@ struct Linear {
       case kInt8:
         return at::_weight_int8pack_mm(x.to(at::kBFloat16), weight, scales).to(at::kFloat);
       default:  // float32 or bfloat16 weights; x holds values exact in either
-        return weight.scalar_type() == at::kFloat ? at::linear(x, weight)
-                                                  : at::linear(x.to(weight.scalar_type()), weight).to(at::kFloat);
+        if (weight.scalar_type() == at::kFloat) return at::linear(x, weight);
+        if (scales.numel() && x.size(0) >= group)  // rounded as the bf16 GEMM's output is
+          return at::linear(x, scales).to(at::kBFloat16).to(at::kFloat);
+        return at::linear(x.to(weight.scalar_type()), weight).to(at::kFloat);
     }
   }
 
