@@ -42,6 +42,9 @@ HERD_VARIANTS = {  # name -> herd_offline.py options
     # the GGUF's own 4-bit codes, float32 activations (bf16 matmuls)
     "herd-int4": ["--quantization", "int4", "--dtype", "auto"],
     "herd-int4-compile": ["--quantization", "int4", "--dtype", "auto", "--compile"],
+    # the same with a bfloat16 KV cache (half the float32 one)
+    "herd-int4-compile-kv16": ["--quantization", "int4", "--dtype", "auto", "--compile", "--kv-cache-dtype",
+                               "bfloat16"],
 }
 PEER_ENGINES = ("vllm", "llamacpp", "transformers")
 ENGINES = (*HERD_VARIANTS, *PEER_ENGINES)

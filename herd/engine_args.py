@@ -67,6 +67,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization",
                    type=float, default=0.5, help="fraction of device memory for weights + activations + KV")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="what the KV cache holds (auto: the model's activation dtype; bfloat16 halves the "
+                        "cache of a float32 or int4 model)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
     p.add_argument("--tool-call-parser", default="auto", choices=["auto", "llama4", "pythonic", "json", "hermes"],
                    help="how tool calls are read from the model's output (auto: from its chat template)")
@@ -74,7 +77,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     step.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                       help="compile the decode step (the default on CPU): herd's C++ step for dense "
                            "float32/bfloat16 models (built once, about a minute), torch.compile for others "
-                           "(a minute or two at each start)")
+                           "(a minute or two at each start); on CUDA, CUDA graphs of decode steps")
     step.add_argument("--enforce-eager", dest="compile", action="store_const", const=False,
                       help="run the model eagerly: quick start, slower decode (the default off CPU until "
                            "compiled decode is checked there)")
@@ -88,6 +91,7 @@ def engine_config(args: argparse.Namespace):
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                         memory_utilization=args.memory_utilization, enable_prefix_caching=args.prefix_caching,
+                        kv_cache_dtype=args.kv_cache_dtype,
                         compile=default_compile(args.device, args.compile))
 
 

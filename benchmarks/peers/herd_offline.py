@@ -35,6 +35,7 @@ def extra_args(ap):
     ap.add_argument("--dtype", default=None, help="default: the workload's (with --quantization int4 "
                     "pass auto: float32 activations)")
     ap.add_argument("--quantization", default=None, help="e.g. int4 (herd's weight-only int4 on CPU)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the activations' dtype), bfloat16, float32")
     ap.add_argument("--warmup-tokens", type=int, default=4)
 
 
@@ -60,7 +61,7 @@ def main():
     llm = LLM(model=str(model), dtype=args.dtype or workload["dtype"], max_model_len=max_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               memory_utilization=args.memory_utilization, enable_prefix_caching=True,
-              seed=0, quantization=args.quantization, compile=args.compile)
+              seed=0, quantization=args.quantization, compile=args.compile, kv_cache_dtype=args.kv_cache_dtype)
     load_s = time.perf_counter() - t0
 
     def params(n):

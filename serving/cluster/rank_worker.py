@@ -22,7 +22,7 @@ from serving.engine.compute_thread import ComputeThread
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine, effective_max_model_len, resolve_model
 from serving.engine.memory import plan_kv_blocks
-from serving.engine.model_runner import ModelRunner
+from serving.engine.model_runner import ModelRunner, kv_cache_dtype
 from serving.engine.outputs import ModelCard, RequestOutput
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.stats import EngineStats
@@ -78,7 +78,8 @@ class RankWorker:
         cfg = self.config
         self.runner = ModelRunner(self.loaded.model, cfg.num_kv_blocks, cfg.block_size,
                                   stop_ids_for=lambda seq: (), compile=cfg.compile,
-                                  native_decode=cfg.native_decode)
+                                  native_decode=cfg.native_decode,
+                                  kv_cache_dtype=kv_cache_dtype(self.loaded.model, cfg.kv_cache_dtype))
         return follow(self.runner)
 
     async def generate_stream(self, prompt, params: SamplingParams, request_id: str):

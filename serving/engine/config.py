@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+
 
 def default_compile(device: str, compile: bool | None) -> bool:
     """Whether to compile the decode step when the user did not say (None): yes on CPU, as vLLM
@@ -38,6 +40,9 @@ class EngineConfig:
     # the weights (serving/engine/cpu_gemm.py; faster, for twice the weights' memory again).
     # None: on CPUs without bfloat16 arithmetic.
     float32_gemms: bool | None = None
+    # What the KV cache holds: "auto" (the model's activation dtype) or "bfloat16" / "float32"
+    # (bfloat16 halves the cache of a float32 or int4 model; keys and values round as stored).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -45,5 +50,7 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.memory_utilization <= 1:
             raise ValueError(f"memory_utilization: must be in (0, 1], got {self.memory_utilization}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")

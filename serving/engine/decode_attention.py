@@ -35,6 +35,18 @@ def shared_prefix_blocks(seqs: list[SeqSlice], block_size: int) -> int:
     return n
 
 
+def store_kv(kc: torch.Tensor, vc: torch.Tensor, slots_T: torch.Tensor, k_TKd: torch.Tensor,
+          v_TKd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes this step's k/v at their cache slots; returns them as the cache holds them (rounded to
+    its dtype, in theirs), so that every attention sees the keys a later step will read back."""
+    K, d = k_TKd.shape[1:]
+    kc.view(-1, K, d).index_copy_(0, slots_T, k_TKd.to(kc.dtype))
+    vc.view(-1, K, d).index_copy_(0, slots_T, v_TKd.to(vc.dtype))
+    if kc.dtype == k_TKd.dtype:
+        return k_TKd, v_TKd
+    return k_TKd.to(kc.dtype).to(k_TKd.dtype), v_TKd.to(vc.dtype).to(v_TKd.dtype)
+
+
 def _softmax_attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale + mask) v and its log-sum-exp over the keys, batched on leading dims."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -81,8 +93,8 @@ class DecodeGroup:
             return
         B, H, d = q_BHd.shape
         K = kc.shape[2]
-        k_BLKd = kc.index_select(0, self.blocks.flatten()).view(B, -1, K, d)
-        v_BLKd = vc.index_select(0, self.blocks.flatten()).view(B, -1, K, d)
+        k_BLKd = kc.index_select(0, self.blocks.flatten()).view(B, -1, K, d).to(q_BHd.dtype)
+        v_BLKd = vc.index_select(0, self.blocks.flatten()).view(B, -1, K, d).to(q_BHd.dtype)
         o = F.scaled_dot_product_attention(q_BHd.view(B, K, -1, d), k_BLKd.transpose(1, 2),
                                            v_BLKd.transpose(1, 2), attn_mask=self.mask(chunk_size, q_THd.dtype),
                                            scale=scale)
@@ -152,10 +164,9 @@ class DecodeOnlyAttention(AttentionContext):
         B, H, d = q_THd.shape
         K = k_TKd.shape[1]
         kc, vc = self.k_caches[layer], self.v_caches[layer]
-        kc.view(-1, K, d).index_copy_(0, self.slot_mapping, k_TKd)
-        vc.view(-1, K, d).index_copy_(0, self.slot_mapping, v_TKd)
-        k_BLKd = kc.index_select(0, self.blocks).view(B, -1, K, d)
-        v_BLKd = vc.index_select(0, self.blocks).view(B, -1, K, d)
+        store_kv(kc, vc, self.slot_mapping, k_TKd, v_TKd)
+        k_BLKd = kc.index_select(0, self.blocks).view(B, -1, K, d).to(q_THd.dtype)
+        v_BLKd = vc.index_select(0, self.blocks).view(B, -1, K, d).to(q_THd.dtype)
         o = F.scaled_dot_product_attention(q_THd.reshape(B, K, H // K, d), k_BLKd.transpose(1, 2),
                                            v_BLKd.transpose(1, 2), attn_mask=self.masks[chunk_size], scale=scale)
         return o.reshape(B, H, d)

@@ -14,7 +14,7 @@ from serving.engine import cpu_gemm
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.memory import plan_kv_blocks
-from serving.engine.model_runner import ModelRunner
+from serving.engine.model_runner import ModelRunner, kv_cache_dtype
 from serving.engine.output_processor import OutputProcessor
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import ParamError, SamplingParams
@@ -89,7 +89,8 @@ class LLMEngine:
         self.runner = runner_factory(self.model, num_blocks, config.block_size, self.outputs.banned_ids,
                                      self.tokenizer.token_to_str, compile=config.compile,
                                      native_decode=config.native_decode, max_model_len=self.max_model_len,
-                                     max_num_seqs=config.max_num_seqs)
+                                     max_num_seqs=config.max_num_seqs,
+                                     kv_cache_dtype=kv_cache_dtype(self.model, config.kv_cache_dtype))
         self.runner.warm_up()
         if config.compile:
             log.info("decode step compiled in %.1fs", time.perf_counter() - t0)

@@ -10,7 +10,7 @@ import torch
 from models.llama4.attention import DenseAttention
 from models.llama4.model import Llama4Model
 from serving.engine.config import EngineConfig
-from serving.engine.model_runner import kv_block_bytes
+from serving.engine.model_runner import kv_block_bytes, kv_cache_dtype
 
 
 def _meminfo_bytes(key: str) -> int:
@@ -64,8 +64,7 @@ def profile_step_bytes(model: Llama4Model, num_tokens: int) -> int:
 def plan_kv_blocks(model: Llama4Model, config: EngineConfig, max_model_len: int) -> int:
     """Blocks that fit in memory_utilization of the device after weights and one profiled step,
     capped at what max_num_seqs full-length sequences could use."""
-    dtype = next(model.parameters()).dtype
-    block_bytes = kv_block_bytes(model, config.block_size, dtype)
+    block_bytes = kv_block_bytes(model, config.block_size, kv_cache_dtype(model, config.kv_cache_dtype))
     blocks_per_seq = -(-max_model_len // config.block_size)
     if config.num_kv_blocks is not None:
         if config.num_kv_blocks < blocks_per_seq:

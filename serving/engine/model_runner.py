@@ -42,6 +42,12 @@ def kv_heads(model: Llama4Model) -> int:
     return model.layers[0].self_attn.n_kv
 
 
+def kv_cache_dtype(model: Llama4Model, setting: str = "auto") -> torch.dtype:
+    """What the KV cache holds: the model's activation dtype ("auto"), or the one named
+    (config.KV_CACHE_DTYPES)."""
+    return model.embed_tokens.weight.dtype if setting == "auto" else getattr(torch, setting)
+
+
 def kv_block_bytes(model: Llama4Model, block_size: int, dtype: torch.dtype) -> int:
     c = model.config
     return 2 * c.num_hidden_layers * block_size * kv_heads(model) * c.head_dim * dtype.itemsize
@@ -59,7 +65,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 class ModelRunner:
     def __init__(self, model: Llama4Model, num_blocks: int, block_size: int,
                  stop_ids_for, decode_token=lambda t: None, compile: bool = False,
-                 native_decode: bool = True, max_model_len: int | None = None, max_num_seqs: int = 256) -> None:
+                 native_decode: bool = True, max_model_len: int | None = None, max_num_seqs: int = 256,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.chunk_sizes = {layer.self_attn.chunk_size for layer in model.layers}
         self.block_size = block_size
@@ -70,8 +77,12 @@ class ModelRunner:
         # One extra block pads gathers. Every slot must hold a finite value: attention reads
         # whole blocks and masks the unwritten tail, and 0 * NaN would still be NaN.
         shape = (num_blocks + 1, block_size, kv_heads(model), c.head_dim)
-        self.k_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
-        self.v_caches = [_zeros(shape, self.dtype, self.device) for _ in range(c.num_hidden_layers)]
+        kv_dtype = kv_cache_dtype or self.dtype
+        if kv_dtype != self.dtype and use_triton(model.embed_tokens.weight):
+            raise ValueError(f"kv_cache_dtype: the Triton kernels read the KV cache in the model's dtype "
+                             f"({self.dtype}), not {kv_dtype}")
+        self.k_caches = [_zeros(shape, kv_dtype, self.device) for _ in range(c.num_hidden_layers)]
+        self.v_caches = [_zeros(shape, kv_dtype, self.device) for _ in range(c.num_hidden_layers)]
         self.pad_block = num_blocks
         # A compiled decode step. Where the Triton kernels run (CUDA): CUDA graphs of steps of
         # plain decodes (cuda_graphs.py), on one process (a tensor-parallel step's collectives would

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.llama4.attention import AttentionContext, attend_dense
-from serving.engine.decode_attention import DecodeOnlyAttention, decode_groups
+from serving.engine.decode_attention import DecodeOnlyAttention, decode_groups, store_kv
 
 
 @dataclass
@@ -76,8 +76,7 @@ class PagedAttention(AttentionContext):
     def attend(self, layer, q_THd, k_TKd, v_TKd, chunk_size, scale):
         K, d = k_TKd.shape[1:]
         kc, vc = self.k_caches[layer], self.v_caches[layer]
-        kc.view(-1, K, d)[self.slot_mapping] = k_TKd
-        vc.view(-1, K, d)[self.slot_mapping] = v_TKd
+        k_TKd, v_TKd = store_kv(kc, vc, self.slot_mapping, k_TKd, v_TKd)
         out = torch.empty_like(q_THd)
         gqa = q_THd.shape[1] != K
         for group in self.decode_groups:
@@ -95,7 +94,8 @@ class PagedAttention(AttentionContext):
                                          self.positions[rows], chunk_size, scale)
         for s, slot in self.continued:
             rows = slice(s.q_start, s.q_start + s.q_len)
-            out[rows] = attend_dense(q_THd[rows], kc.view(-1, K, d)[slot], vc.view(-1, K, d)[slot],
+            out[rows] = attend_dense(q_THd[rows], kc.view(-1, K, d)[slot].to(q_THd.dtype),
+                                     vc.view(-1, K, d)[slot].to(q_THd.dtype),
                                      self.positions[rows], torch.arange(s.context_len, device=q_THd.device),
                                      chunk_size, scale)
         return out

@@ -178,3 +178,26 @@ def test_float32_gemms_round_like_the_bfloat16_ones(dense_llama4):
     assert fresh[False] is nn.Linear
     bf16_arithmetic = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert fresh[None] is (nn.Linear if bf16_arithmetic else Float32GemmLinear)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "native-decode"])
+def test_bfloat16_kv_cache_under_a_float32_model(dense_llama4, compile):
+    """kv_cache_dtype="bfloat16" on a float32 model: the cache holds bfloat16 (half the bytes a
+    block), and under continuous batching with preemption every request gets what the same engine
+    gives it alone; the C++ step (which rounds keys and values as it stores them) and the eager path
+    give the same tokens."""
+    def engine(**kw):
+        return engine_for(dense_llama4, kv_cache_dtype="bfloat16", **kw)
+
+    batched = engine(compile=compile)
+    assert batched.runner.k_caches[0].dtype == torch.bfloat16 and (batched.runner.native is not None) == compile
+    prompts = _prompts(8, [5, 13, 27, 40, 9, 33, 18, 50])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    reqs = [(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
+    out = run(batched, [reqs[:3], [], reqs[3:6], reqs[6:]])
+    assert batched.stats.num_preemptions > 0
+    alone = engine(compile=False)
+    for rid, prompt, p in reqs:
+        want = run(alone, [[(rid, prompt, p)]])[rid].outputs[0].token_ids
+        assert out[rid].outputs[0].token_ids == want, rid
+    assert batched.blocks.num_free_blocks == batched.blocks.num_blocks

@@ -32,3 +32,12 @@ def test_compile_and_enforce_eager_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         parse("--compile", "--enforce-eager")
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_kv_cache_dtype_reaches_the_config_and_bad_ones_name_the_field():
+    from serving.engine.config import EngineConfig
+
+    assert engine_config(parse()).kv_cache_dtype == "auto"
+    assert engine_config(parse("--kv-cache-dtype", "bfloat16")).kv_cache_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="kv_cache_dtype: must be one of auto, bfloat16, float32, got 'fp8'"):
+        EngineConfig(kv_cache_dtype="fp8")

@@ -8,7 +8,8 @@
 // models/llama4/model.py (see serving/engine/native_decode.py for who may use it). A bfloat16
 // model keeps its KV cache in bfloat16 and rounds to bfloat16 wherever its eager ops round
 // (after each norm, residual add, RoPE, attention, SiLU and product), so it computes what the
-// eager model does, up to summation order.
+// eager model does, up to summation order. A float32 model may keep its KV cache in bfloat16
+// (kv_cache_dtype): keys and values round as they are stored, nothing else does.
 
 #include <torch/extension.h>
 
@@ -100,10 +101,10 @@ inline float as_float(c10::BFloat16 v) {
   return f;
 }
 inline void store(float* p, float v) { *p = v; }
-inline void store(c10::BFloat16* p, float v) {  // v is already a bfloat16 value: keep its top half
+inline void store(c10::BFloat16* p, float v) {  // the nearest bfloat16, ties to even (as torch rounds)
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  p->x = static_cast<uint16_t>(bits >> 16);
+  p->x = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
 // The nearest bfloat16 (ties to even), as a float; in plain arithmetic so that loops vectorize.
@@ -198,10 +199,12 @@ class DecodeStep {
                  std::vector<Linear> linears, bool rope, double qk_norm_eps, bool temperature,
                  double floor_scale, double attn_scale, int64_t chunk) {
     TORCH_CHECK(linears.size() == 4, "a layer has 4 linears (qkv, o, gate_up, down)");
+    if (layers_.empty()) kv_dtype_ = k_cache.scalar_type();
     for (const auto& c : {k_cache, v_cache}) {
-      TORCH_CHECK(c.scalar_type() == dtype_ && c.is_contiguous() && c.dim() == 4 && c.size(2) == K_ &&
-                      c.size(3) == d_,
-                  "KV caches must be contiguous ", dtype_, " (blocks, block_size, ", K_, ", ", d_, ")");
+      TORCH_CHECK((kv_dtype_ == at::kFloat || kv_dtype_ == at::kBFloat16) && c.scalar_type() == kv_dtype_ &&
+                      c.is_contiguous() && c.dim() == 4 && c.size(2) == K_ && c.size(3) == d_,
+                  "KV caches must be contiguous float32 or bfloat16, all alike (blocks, block_size, ", K_, ", ",
+                  d_, ")");
     }
     layers_.push_back(Layer{std::move(in_norm), std::move(post_norm), std::move(k_cache), std::move(v_cache),
                             linears[0], linears[1], linears[2], linears[3], rope, qk_norm_eps, temperature,
@@ -237,7 +240,7 @@ class DecodeStep {
       const Layer& L = layers_[l];
       norm_rows(x, res, L.in_norm, h, l == 0);
       at::Tensor qkv = L.qkv(h);
-      if (R.bf16) {
+      if (kv_dtype_ == at::kBFloat16) {
         prepare_qkv<c10::BFloat16>(L, qkv.data_ptr<float>(), B, pos, slot, cos.data(), sin.data());
         attend<c10::BFloat16>(L, qkv.data_ptr<float>(), attn.data_ptr<float>(), B, pos, table, nb);
       } else {
@@ -371,7 +374,8 @@ class DecodeStep {
   int64_t H_, K_, d_;
   double scale_;
   bool interleaved_;
-  at::ScalarType dtype_;  // the model's: activations round to it, KV caches hold it
+  at::ScalarType dtype_;  // the model's: activations round to it
+  at::ScalarType kv_dtype_ = at::kFloat;  // the KV caches' (the model's, or bfloat16 under a float32 one)
   Rounding R_;
   std::vector<Layer> layers_;
 };
