@@ -24,6 +24,8 @@
 
 namespace {
 
+void round_to_bf16(at::Tensor& t);
+
 enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2, kInt4Vnni = 3, kInt8Vnni = 4 };
 
 struct Linear {
@@ -47,8 +49,11 @@ struct Linear {
         return at::_weight_int8pack_mm(x.to(at::kBFloat16), weight, scales).to(at::kFloat);
       default:  // float32 or bfloat16 weights; x holds values exact in either
         if (weight.scalar_type() == at::kFloat) return at::linear(x, weight);
-        if (scales.numel() && x.size(0) >= group)  // rounded as the bf16 GEMM's output is
-          return at::linear(x, scales).to(at::kBFloat16).to(at::kFloat);
+        if (scales.numel() && x.size(0) >= group) {  // rounded as the bf16 GEMM's output is
+          at::Tensor y = at::linear(x, scales);
+          round_to_bf16(y);
+          return y;
+        }
         return at::linear(x.to(weight.scalar_type()), weight).to(at::kFloat);
     }
   }
@@ -115,6 +120,15 @@ inline float bf16_round(float v) {
   float r;
   std::memcpy(&r, &bits, sizeof(r));
   return r;
+}
+
+// In place, in one pass (no bfloat16 tensor and back): float32 values -> the nearest bfloat16s.
+void round_to_bf16(at::Tensor& t) {
+  float* p = t.data_ptr<float>();
+  at::parallel_for(0, t.numel(), 16384, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) p[i] = bf16_round(p[i]);
+  });
 }
 
 // Rounds where the eager model's dtype rounds: bfloat16 models do, float32 ones not.
