@@ -114,10 +114,11 @@ class DecodeGraphs:
         self._fill(self.slots_B, slots + [self.pad_slot] * pad)
         self._fill(self.context_lens_B, [s.context_len for s in slices] + [0] * pad)
         # Only the columns this batch uses: the kernel never reads past a row's context.
-        width = max(len(s.block_table) for s in slices)
+        width = max(-(-s.context_len // bs) for s in slices)
         table = np.full((n, width), -1, dtype=np.int32)
         for row, s in enumerate(slices):
-            table[row, :len(s.block_table)] = s.block_table
+            used = s.block_table[:width]
+            table[row, :len(used)] = used
         self.block_tables_BM[:n, :width].copy_(torch.from_numpy(table))
         self.replays += 1
         self.padded_rows += pad
