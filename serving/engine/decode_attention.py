@@ -36,15 +36,14 @@ def shared_prefix_blocks(seqs: list[SeqSlice], block_size: int) -> int:
 
 
 def store_kv(kc: torch.Tensor, vc: torch.Tensor, slots_T: torch.Tensor, k_TKd: torch.Tensor,
-          v_TKd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             v_TKd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Writes this step's k/v at their cache slots; returns them as the cache holds them (rounded to
     its dtype, in theirs), so that every attention sees the keys a later step will read back."""
     K, d = k_TKd.shape[1:]
-    kc.view(-1, K, d).index_copy_(0, slots_T, k_TKd.to(kc.dtype))
-    vc.view(-1, K, d).index_copy_(0, slots_T, v_TKd.to(vc.dtype))
-    if kc.dtype == k_TKd.dtype:
-        return k_TKd, v_TKd
-    return k_TKd.to(kc.dtype).to(k_TKd.dtype), v_TKd.to(vc.dtype).to(v_TKd.dtype)
+    k_stored, v_stored = k_TKd.to(kc.dtype), v_TKd.to(vc.dtype)  # no copies when the dtypes agree
+    kc.view(-1, K, d).index_copy_(0, slots_T, k_stored)
+    vc.view(-1, K, d).index_copy_(0, slots_T, v_stored)
+    return k_stored.to(k_TKd.dtype), v_stored.to(v_TKd.dtype)
 
 
 def _softmax_attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
