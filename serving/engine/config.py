@@ -36,9 +36,9 @@ class EngineConfig:
     # herd's C++ decode step (serving/engine/native_decode.py) where the model allows it, when
     # compiling; False keeps torch.compile for every model.
     native_decode: bool = True
-    # bfloat16 models on CPUs without bfloat16 arithmetic: GEMMs of many rows from float32 copies of
-    # the weights (serving/engine/cpu_gemm.py; faster, for twice the weights' memory again).
-    # None: on CPUs without bfloat16 arithmetic.
+    # bfloat16 models on CPU: GEMMs of many rows from float32 copies of the weights
+    # (serving/engine/cpu_gemm.py; faster, for the weights' memory again in float32).
+    # None: only where the CPU has no bfloat16 arithmetic.
     float32_gemms: bool | None = None
     # What the KV cache holds: "auto" (the model's activation dtype) or "bfloat16" / "float32"
     # (bfloat16 halves the cache of a float32 or int4 model; keys and values round as stored).

@@ -35,8 +35,9 @@ class Float32GemmLinear(nn.Module):
     min_rows = MIN_ROWS
 
     def __init__(self, weight: torch.Tensor) -> None:
+        """weight: (N, K) bfloat16, shared (the layer's parameter, or the tied embedding's)."""
         super().__init__()
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_f32", weight.detach().float(), persistent=False)
 
