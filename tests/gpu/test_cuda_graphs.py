@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.engine import SamplingParams
-from tests.integration.test_engine import _prompts, engine_for, run
+from tests.integration.test_engine import engine_for, run
+from tests.integration.test_engine_kernels import assert_same_outputs, graph_requests
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -28,19 +28,12 @@ def _run(loaded, reqs, compile: bool):
 
 
 def test_captured_decode_equals_eager(tiny_llama4_cuda):
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
-    reqs = [(f"g{i}", {"prompt_token_ids": p}, params)
-            for i, p in enumerate(_prompts(7, [5, 3, 13, 9, 6, 27, 4]))]
+    reqs = graph_requests()
     _, eager = _run(tiny_llama4_cuda, reqs, compile=False)
     engine, graphed = _run(tiny_llama4_cuda, reqs, compile=True)
     graphs = engine.runner.graphs
     assert graphs is not None and sorted(graphs.graphs) == graphs.sizes  # every size captured
     assert graphs.replays > 0 and graphs.padded_rows > 0
     assert engine.stats.num_preemptions > 0
-    for rid, *_ in reqs:
-        got, want = graphed[rid].outputs[0], eager[rid].outputs[0]
-        assert got.token_ids == want.token_ids, rid
-        for g, w in zip(got.logprobs, want.logprobs):
-            assert g.keys() == w.keys()
-            for tid in g:
-                assert abs(g[tid].logprob - w[tid].logprob) < 1e-3
+    # Padded batches split the paged kernel's work differently: the same sums, another order.
+    assert_same_outputs(graphed, eager, reqs, tol=1e-3)

@@ -45,30 +45,35 @@ def test_engine_on_triton_kernels_equals_reference(tiny_llama4, requests_mix, mo
     engine, out = _run(tiny_llama4, requests_mix, monkeypatch, "triton")
     assert launches["decode"] > 0 and launches["prefill"] > 0
     assert engine.stats.num_preemptions > 0  # 12 blocks of 4 cannot hold all five
-    _assert_same(out, ref, requests_mix)
+    assert_same_outputs(out, ref, requests_mix)
 
 
 def test_decode_graph_buffers_equal_reference(tiny_llama4, requests_mix, monkeypatch):
     """compile=True on the kernels: decode steps run through the CUDA-graph runner's static,
     padded buffers (no capture without CUDA, the same forward eagerly at the padded size)."""
     pytest.importorskip("triton")
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
-    reqs = [(f"g{i}", {"prompt_token_ids": p}, params)
-            for i, p in enumerate(_prompts(7, [5, 3, 13, 9, 6, 27, 4]))]
+    reqs = graph_requests()
     _, ref = _run(tiny_llama4, reqs, monkeypatch, "reference")
     engine, out = _run(tiny_llama4, reqs, monkeypatch, "triton", compile=True)
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8]  # max_num_seqs 8
     assert graphs.replays > 0 and graphs.padded_rows > 0  # some batches of 3, 5, 6 or 7 ran padded
     assert engine.stats.num_preemptions > 0
-    _assert_same(out, ref, reqs)
+    assert_same_outputs(out, ref, reqs)
 
 
-def _assert_same(out, ref, requests_mix):
-    for rid, *_ in requests_mix:
+def graph_requests():
+    """Seven greedy requests whose decode batches take sizes 3, 5, 6 or 7: padded in graphs of 4 and 8."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    return [(f"g{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(_prompts(7, [5, 3, 13, 9, 6, 27, 4]))]
+
+
+def assert_same_outputs(out, ref, requests, tol: float = 1e-4):
+    """The same tokens, the same top logprob ids, and logprobs within tol."""
+    for rid, *_ in requests:
         got, want = out[rid].outputs[0], ref[rid].outputs[0]
         assert got.token_ids == want.token_ids, rid
         for g, w in zip(got.logprobs, want.logprobs):
             assert g.keys() == w.keys()
             for tid in g:
-                assert abs(g[tid].logprob - w[tid].logprob) < 1e-4
+                assert abs(g[tid].logprob - w[tid].logprob) < tol
